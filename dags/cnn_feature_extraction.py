@@ -1,0 +1,151 @@
+"""
+### CNN feature extraction
+
+Turns spectrogram corpora (RAVDESS, CREMA-D, or any corpus laid out like them)
+into one 256-d CNN feature vector per clip, then triggers `emotion_training`.
+
+1. **probe_gpu** probes the GPU in a fresh process; a crash, hang or error
+   there means "no usable GPU", never a failed run.
+2. **plan_shards** validates the conf, checks the model in a fresh process and
+   cuts each dataset into stable shards (`ravdess-0003` always holds the same files).
+3. **extract_shard** (one per shard, named e.g. `ravdess 3/6` in the grid) runs
+   each shard in fresh worker processes: on the GPU when the probe found one
+   (or `device=gpu`), re-run on CPU with CUDA hidden if the GPU worker fails.
+   Existing valid features are skipped, every file is written atomically.
+4. **verify_features** checks every feature and writes
+   `verification_report.json` and `manifest.json` into each output folder.
+5. **trigger_training** starts `emotion_training` on the verified manifests.
+
+**Re-running failed shards:** clear the failed `extract_shard` instance (grid:
+click it, then *Clear* > *Downstream*); only its files are recomputed.
+
+No TensorFlow is imported here or in any Airflow task process: CUDA state does
+not survive the `fork()` the task supervisor uses to start tasks.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
+from airflow.sdk import Asset, Param, dag, get_current_context, task
+from airflow.sdk.exceptions import AirflowFailException
+
+from cnn_features.config import load_settings
+
+SETTINGS = load_settings()
+FEATURES_ASSET = Asset(name="cnn_features", uri=SETTINGS.features_root.as_uri())
+
+
+@dag(
+    dag_id="cnn_feature_extraction",
+    schedule=None,
+    catchup=False,
+    doc_md=__doc__,
+    tags=["features", "cnn", "emotion"],
+    max_active_runs=1,
+    default_args={"retries": 2, "retry_delay": timedelta(seconds=30)},
+    params={
+        "datasets": Param(
+            SETTINGS.default_datasets(),
+            type="object",
+            title="Datasets",
+            description=(
+                "Each dataset's spectrogram folder and feature folder: "
+                '{"ravdess": {"input": "/abs/path", "output": "/abs/path"}, "crema_d": {...}}. '
+                "Absolute paths under the allowed roots (CNN_FEATURES_ALLOWED_ROOTS)."
+            ),
+        ),
+        "device": Param(
+            "auto",
+            enum=["auto", "gpu", "cpu"],
+            title="Device",
+            description="auto: GPU if the probe found a usable one, else CPU. "
+            "gpu: try the GPU even so. cpu: never touch a GPU. A failed GPU shard always re-runs on CPU.",
+        ),
+        "shard_size": Param(
+            SETTINGS.shard_size,
+            type="integer",
+            minimum=1,
+            maximum=100_000,
+            title="Shard size",
+            description="Files per extract_shard task. The same folder and size always give the same shards.",
+        ),
+        "model_path": Param(
+            None,
+            type=["null", "string"],
+            title="Model (.keras)",
+            description="Absolute path of your own feature model, loaded in safe mode; empty for the built-in reference CNN.",
+        ),
+        "max_bad_fraction": Param(
+            0.0,
+            type="number",
+            minimum=0,
+            maximum=1,
+            title="Max bad fraction",
+            description="Share of unusable input files tolerated per dataset before verification fails. Bad files are always listed.",
+        ),
+    },
+)
+def cnn_feature_extraction() -> None:
+    @task(retries=0)
+    def probe_gpu() -> dict[str, Any]:
+        """Probe the GPU in a fresh process; report, never fail."""
+        from cnn_features.probe import run_probe
+
+        return run_probe(timeout_s=SETTINGS.probe_timeout_s)
+
+    @task
+    def plan_shards() -> list[dict[str, Any]]:
+        """Validate the conf, check the model, and list every shard."""
+        from cnn_features import plan
+        from cnn_features.errors import InvalidConf, ModelError, OutputConflict
+
+        params = get_current_context()["params"]
+        try:
+            conf = plan.validate_conf(dict(params), SETTINGS)
+            model = plan.check_model(conf.model_path, SETTINGS)
+            return plan.plan_run(conf, model, batch_size=SETTINGS.batch_size)
+        except (InvalidConf, ModelError, OutputConflict) as exc:
+            raise AirflowFailException(str(exc)) from None
+
+    @task(
+        map_index_template="{{ task.op_kwargs['shard']['label'] }}",
+        max_active_tis_per_dagrun=SETTINGS.shard_concurrency,
+        execution_timeout=timedelta(hours=6),
+    )
+    def extract_shard(shard: dict[str, Any], probe: dict[str, Any]) -> dict[str, Any]:
+        """Extract one shard in fresh worker processes, GPU first when chosen, CPU on failure."""
+        from cnn_features.runner import run_shard
+
+        device = get_current_context()["params"]["device"]
+        return run_shard(shard, requested_device=device, probe=probe)
+
+    @task(retries=0, multiple_outputs=True)
+    def verify_features(shards: list[dict[str, Any]], results: list[dict[str, Any]]) -> dict[str, Any]:
+        """Check every feature file; write reports and manifests; fail listing every problem."""
+        from cnn_features.errors import VerificationFailed
+        from cnn_features.verify import verify_run
+
+        fraction = float(get_current_context()["params"]["max_bad_fraction"])
+        try:
+            return verify_run(shards, list(results), max_bad_fraction=fraction)
+        except VerificationFailed as exc:
+            raise AirflowFailException(str(exc)) from None
+
+    probe = probe_gpu()
+    shards = plan_shards()
+    probe >> shards
+    results = extract_shard.partial(probe=probe).expand(shard=shards)
+    verified = verify_features(shards, results)
+    TriggerDagRunOperator(
+        task_id="trigger_training",
+        trigger_dag_id="emotion_training",
+        trigger_run_id="features__{{ run_id }}",
+        conf=verified["training_conf"],
+        outlets=[FEATURES_ASSET],
+    )
+
+
+cnn_feature_extraction()

@@ -1,0 +1,115 @@
+"""Deployment settings, parsed once from the environment into a frozen dataclass."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+# The repository root when the package runs from a checkout (editable install).
+_REPO_ROOT = Path(__file__).resolve().parents[2]
+
+# Seconds a GPU probe may take: TensorFlow import plus CUDA context creation is
+# a few seconds on a healthy machine; a wedged driver hangs forever.
+DEFAULT_PROBE_TIMEOUT_S = 120.0
+# Files per shard: large enough to amortise one process start and model load
+# (a few seconds), small enough that a failed shard is cheap to re-run.
+DEFAULT_SHARD_SIZE = 500
+# Inputs per forward pass; equal-shape groups are split into batches of this size.
+DEFAULT_BATCH_SIZE = 32
+# Shards of one run that execute at once. Each shard process uses every core
+# (or the GPU), so running more than one only adds contention.
+DEFAULT_SHARD_CONCURRENCY = 1
+
+
+class SettingsError(ValueError):
+    """An environment variable holds a value that cannot be used."""
+
+
+def _env_path(name: str, default: Path) -> Path:
+    raw = os.environ.get(name, "").strip()
+    return Path(raw).expanduser() if raw else default
+
+
+def _env_int(name: str, default: int, *, minimum: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        msg = f"{name}={raw!r}: expected an integer"
+        raise SettingsError(msg) from None
+    if value < minimum:
+        msg = f"{name}={value}: must be >= {minimum}"
+        raise SettingsError(msg)
+    return value
+
+
+def _env_float(name: str, default: float, *, minimum: float) -> float:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        msg = f"{name}={raw!r}: expected a number"
+        raise SettingsError(msg) from None
+    if value < minimum:
+        msg = f"{name}={value}: must be >= {minimum}"
+        raise SettingsError(msg)
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where data lives and how the pipeline runs, for one deployment."""
+
+    home: Path
+    probe_timeout_s: float
+    shard_size: int
+    batch_size: int
+    shard_concurrency: int
+
+    @property
+    def demo_input_root(self) -> Path:
+        return self.home / "demo"
+
+    @property
+    def features_root(self) -> Path:
+        return self.home / "features"
+
+    @property
+    def model_dir(self) -> Path:
+        return self.home / "models"
+
+    @property
+    def reference_model_path(self) -> Path:
+        return self.model_dir / "reference_cnn_v1.keras"
+
+    def default_datasets(self) -> dict[str, dict[str, str]]:
+        """Return the demo datasets' input and output folders, as the run conf names them."""
+        from cnn_features.datasets import DATASETS
+
+        return {
+            name: {
+                "input": str(self.demo_input_root / name),
+                "output": str(self.features_root / name),
+            }
+            for name in DATASETS
+        }
+
+
+def load_settings() -> Settings:
+    """Read the settings from the environment (``CNN_FEATURES_*``)."""
+    return Settings(
+        home=_env_path("CNN_FEATURES_HOME", _REPO_ROOT / "data").resolve(),
+        probe_timeout_s=_env_float(
+            "CNN_FEATURES_PROBE_TIMEOUT_S", DEFAULT_PROBE_TIMEOUT_S, minimum=1.0
+        ),
+        shard_size=_env_int("CNN_FEATURES_SHARD_SIZE", DEFAULT_SHARD_SIZE, minimum=1),
+        batch_size=_env_int("CNN_FEATURES_BATCH_SIZE", DEFAULT_BATCH_SIZE, minimum=1),
+        shard_concurrency=_env_int(
+            "CNN_FEATURES_SHARD_CONCURRENCY", DEFAULT_SHARD_CONCURRENCY, minimum=1
+        ),
+    )

@@ -1,0 +1,35 @@
+"""Domain errors. Each message names the file, shard or field and what is wrong."""
+
+from __future__ import annotations
+
+
+class CnnFeaturesError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class InvalidInput(CnnFeaturesError):
+    """An input file cannot be used: bad name, layout, or location."""
+
+
+class InvalidSpectrogram(InvalidInput):
+    """An input file is not a usable 2-D float spectrogram."""
+
+
+class InvalidConf(CnnFeaturesError):
+    """A run conf field is missing or wrong; the message names the field."""
+
+
+class ModelError(CnnFeaturesError):
+    """A feature model is missing, unreadable, unsafe or of the wrong shape."""
+
+
+class ShardFailed(CnnFeaturesError):
+    """A shard could not be extracted on any device."""
+
+
+class OutputConflict(CnnFeaturesError):
+    """An output folder holds features of another model, or is in use."""
+
+
+class VerificationFailed(CnnFeaturesError):
+    """Features are missing or invalid; the message lists every problem."""

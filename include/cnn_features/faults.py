@@ -1,0 +1,48 @@
+"""Test hook: inject failures into child processes, since no GPU is here to fail.
+
+Set ``CNN_FEATURES_TEST_FAULT`` to a comma-separated list of faults; only
+child processes read it, and only at the points named below. Unset in
+production.
+
+========================  =====================================================
+``gpu_init_error``        the GPU worker fails at CUDA initialisation with the
+                          driver's ``CUDA_ERROR_NOT_INITIALIZED`` text
+``gpu_die_after=N``       the GPU worker SIGKILLs itself after writing N files
+``die_after=N``           any worker SIGKILLs itself after writing N files
+``probe_hang``            the GPU probe child never returns
+``probe_crash``           the GPU probe child aborts (SIGABRT)
+========================  =====================================================
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+ENV_VAR = "CNN_FEATURES_TEST_FAULT"
+
+# The text a CUDA driver gives a process whose context did not survive fork().
+CUDA_NOT_INITIALIZED = (
+    "CUDA error: Failed setting context: CUDA_ERROR_NOT_INITIALIZED: initialization error"
+)
+
+
+def active() -> dict[str, str | None]:
+    """Return the faults named in the environment, with their arguments."""
+    faults: dict[str, str | None] = {}
+    for item in os.environ.get(ENV_VAR, "").split(","):
+        name, sep, arg = item.strip().partition("=")
+        if name:
+            faults[name] = arg if sep else None
+    return faults
+
+
+def count_arg(name: str) -> int | None:
+    """Return the integer argument of fault ``name``, or None when it is not set."""
+    arg = active().get(name)
+    return int(arg) if arg is not None and arg.isdigit() else None
+
+
+def kill_self() -> None:
+    """Die at once as a SIGKILLed process would: no cleanup, no result."""
+    os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,251 @@
+"""Validate a run conf, check the model, and cut each dataset into stable shards.
+
+Parent side, no TensorFlow: the model check runs in a fresh CPU-only process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cnn_features.config import Settings
+from cnn_features.datasets import get_dataset, label_all, list_files
+from cnn_features.errors import InvalidConf, InvalidInput, ModelError, OutputConflict
+from cnn_features.procs import RESULT_PREFIX, child_env, parse_line, python_module_cmd
+from cnn_features.storage import write_json_atomic
+
+log = logging.getLogger(__name__)
+
+DEVICES = ("auto", "gpu", "cpu")
+# Largest shard accepted: one shard's file list travels through XCom, and a
+# shard this big already takes minutes; beyond it sharding stops helping.
+MAX_SHARD_SIZE = 100_000
+# Seconds allowed for loading (or creating) the model in the check process.
+MODEL_CHECK_TIMEOUT_S = 600
+# File in each output folder recording which model made its features.
+FEATURES_META = "_features.json"
+
+
+@dataclass(frozen=True)
+class DatasetIO:
+    """One dataset's input and output folders, validated."""
+
+    name: str
+    input: Path
+    output: Path
+
+
+@dataclass(frozen=True)
+class RunConf:
+    """A validated run conf."""
+
+    datasets: tuple[DatasetIO, ...]
+    device: str
+    shard_size: int
+    model_path: Path | None
+    max_bad_fraction: float
+
+
+def allowed_roots(settings: Settings) -> tuple[Path, ...]:
+    """Return the folders run-conf paths must lie in (``CNN_FEATURES_ALLOWED_ROOTS``)."""
+    raw = os.environ.get("CNN_FEATURES_ALLOWED_ROOTS", "")
+    roots = [Path(p).expanduser() for p in raw.split(os.pathsep) if p.strip()]
+    return tuple(p.resolve() for p in (roots or [settings.home]))
+
+
+def checked_path(field: str, raw: Any, roots: tuple[Path, ...]) -> Path:
+    """Return the resolved path of conf field ``field``; raise InvalidConf naming it if unsafe."""
+    if not isinstance(raw, str) or not raw.strip():
+        msg = f"{field}: expected a non-empty path string, got {raw!r}"
+        raise InvalidConf(msg)
+    path = Path(raw)
+    if not path.is_absolute():
+        msg = f"{field}: {raw!r} is relative; give an absolute path"
+        raise InvalidConf(msg)
+    if ".." in path.parts:
+        msg = f"{field}: {raw!r} contains '..'; give a direct path"
+        raise InvalidConf(msg)
+    real = path.resolve()
+    if not any(real == root or root in real.parents for root in roots):
+        allowed = ", ".join(str(r) for r in roots)
+        msg = f"{field}: {raw!r} is outside the allowed roots ({allowed}); set CNN_FEATURES_ALLOWED_ROOTS to allow it"
+        raise InvalidConf(msg)
+    return real
+
+
+def _overlaps(a: Path, b: Path) -> bool:
+    return a == b or a in b.parents or b in a.parents
+
+
+def validate_conf(params: dict[str, Any], settings: Settings) -> RunConf:
+    """Check every field of a run conf before any work; errors name the field.
+
+    Raises:
+        InvalidConf: a field is missing, of the wrong type, out of range, or a
+            path is relative, contains ``..``, escapes the allowed roots, or
+            an input folder is missing.
+    """
+    roots = allowed_roots(settings)
+    datasets_raw = params.get("datasets")
+    if not isinstance(datasets_raw, dict) or not datasets_raw:
+        msg = "datasets: expected a non-empty object of {name: {input, output}}"
+        raise InvalidConf(msg)
+    datasets: list[DatasetIO] = []
+    for name, io in sorted(datasets_raw.items()):
+        try:
+            get_dataset(name)
+        except InvalidInput as exc:
+            raise InvalidConf(f"datasets.{name}: {exc}") from None
+        if not isinstance(io, dict) or set(io) != {"input", "output"}:
+            msg = f"datasets.{name}: expected exactly the keys 'input' and 'output', got {io!r}"
+            raise InvalidConf(msg)
+        src = checked_path(f"datasets.{name}.input", io["input"], roots)
+        dst = checked_path(f"datasets.{name}.output", io["output"], roots)
+        if not src.is_dir():
+            msg = f"datasets.{name}.input: {src} does not exist or is not a folder"
+            raise InvalidConf(msg)
+        if _overlaps(src, dst):
+            msg = f"datasets.{name}: input {src} and output {dst} overlap; keep features out of the input tree"
+            raise InvalidConf(msg)
+        datasets.append(DatasetIO(name, src, dst))
+    outputs = [d.output for d in datasets]
+    for i, a in enumerate(outputs):
+        for b in outputs[i + 1 :]:
+            if _overlaps(a, b):
+                msg = f"datasets: outputs {a} and {b} overlap; give each dataset its own folder"
+                raise InvalidConf(msg)
+
+    device = params.get("device", "auto")
+    if device not in DEVICES:
+        msg = f"device: {device!r} is not one of {', '.join(DEVICES)}"
+        raise InvalidConf(msg)
+    shard_size = params.get("shard_size", settings.shard_size)
+    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or not 1 <= shard_size <= MAX_SHARD_SIZE:
+        msg = f"shard_size: expected an integer from 1 to {MAX_SHARD_SIZE}, got {shard_size!r}"
+        raise InvalidConf(msg)
+    model_raw = params.get("model_path")
+    model_path = None if model_raw in (None, "") else checked_path("model_path", model_raw, roots)
+    fraction = params.get("max_bad_fraction", 0.0)
+    if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0.0 <= fraction <= 1.0:
+        msg = f"max_bad_fraction: expected a number from 0 to 1, got {fraction!r}"
+        raise InvalidConf(msg)
+    return RunConf(tuple(datasets), device, shard_size, model_path, float(fraction))
+
+
+def check_model(model_path: Path | None, settings: Settings) -> dict[str, Any]:
+    """Load the model in a fresh CPU-only process and return its ``ModelInfo`` as a dict.
+
+    With no ``model_path``, the seeded reference extractor is used (and
+    created on first use).
+
+    Raises:
+        ModelError: the model is missing, not loadable in safe mode, or does
+            not map one spectrogram to one feature vector.
+    """
+    args = [str(model_path)] if model_path else [str(settings.reference_model_path), "--create-reference"]
+    try:
+        proc = subprocess.run(
+            python_module_cmd("cnn_features.model", *args),
+            env=child_env("cpu"),
+            capture_output=True,
+            text=True,
+            timeout=MODEL_CHECK_TIMEOUT_S,
+            check=False,
+            stdin=subprocess.DEVNULL,
+        )
+    except subprocess.TimeoutExpired:
+        msg = f"model {args[0]}: loading took over {MODEL_CHECK_TIMEOUT_S} s"
+        raise ModelError(msg) from None
+    for line in reversed(proc.stdout.splitlines()):
+        payload = parse_line(line, RESULT_PREFIX)
+        if payload is not None:
+            if not payload.pop("ok"):
+                raise ModelError(payload["error"])
+            return payload
+    tail = " | ".join(proc.stderr.strip().splitlines()[-5:])
+    msg = f"model {args[0]}: check process exited with code {proc.returncode}: {tail}"
+    raise ModelError(msg)
+
+
+def claim_output(dataset: DatasetIO, model: dict[str, Any]) -> None:
+    """Record which model writes ``dataset.output``; refuse one made by another model.
+
+    Raises:
+        OutputConflict: the folder holds features of a different model, so
+            resuming would mix two feature spaces.
+    """
+    meta_path = dataset.output / FEATURES_META
+    meta = {"model_sha256": model["sha256"], "feature_dim": model["feature_dim"], "model_path": model["path"]}
+    if meta_path.exists():
+        try:
+            existing = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            msg = f"{meta_path}: unreadable ({exc}); remove it if the folder's features may be discarded"
+            raise OutputConflict(msg) from None
+        if existing.get("model_sha256") != model["sha256"]:
+            msg = (
+                f"datasets.{dataset.name}.output: {dataset.output} holds features of model "
+                f"{existing.get('model_path')} (sha256 {str(existing.get('model_sha256'))[:12]}), "
+                f"not of {model['path']} (sha256 {model['sha256'][:12]}); use another output folder"
+            )
+            raise OutputConflict(msg)
+        return
+    try:
+        write_json_atomic(meta_path, meta)
+    except OSError as exc:
+        msg = f"datasets.{dataset.name}.output: cannot write to {dataset.output} ({exc.strerror or exc})"
+        raise OutputConflict(msg) from None
+
+
+def plan_dataset(dataset: DatasetIO, *, shard_size: int) -> list[dict[str, Any]]:
+    """Cut one dataset's sorted file list into shards with stable ids.
+
+    The same folder contents and ``shard_size`` always give the same shards,
+    so re-running shard ``ravdess-0003`` processes exactly its own files.
+    Names that do not parse, non-``.npy`` files and duplicate clip ids are
+    carried in each shard's ``rejected`` map, to be reported, not extracted.
+    """
+    spec = get_dataset(dataset.name)
+    files = list_files(dataset.input)
+    _, rejected = label_all(spec, files)
+    chunks = [files[i : i + shard_size] for i in range(0, len(files), shard_size)]
+    return [
+        {
+            "shard_id": f"{dataset.name}-{index:04d}",
+            "label": f"{dataset.name} {index}/{len(chunks)}",
+            "dataset": dataset.name,
+            "index": index,
+            "count": len(chunks),
+            "input": str(dataset.input),
+            "output": str(dataset.output),
+            "files": chunk,
+            "rejected": {rel: rejected[rel] for rel in chunk if rel in rejected},
+        }
+        for index, chunk in enumerate(chunks, start=1)
+    ]
+
+
+def plan_run(conf: RunConf, model: dict[str, Any], *, batch_size: int) -> list[dict[str, Any]]:
+    """Return every shard of the run, each carrying the model and batch size."""
+    shards: list[dict[str, Any]] = []
+    for dataset in conf.datasets:
+        claim_output(dataset, model)
+        planned = plan_dataset(dataset, shard_size=conf.shard_size)
+        if not planned:
+            log.warning("dataset %s: no files under %s", dataset.name, dataset.input)
+        shards.extend({**shard, "model": model, "batch_size": batch_size} for shard in planned)
+        log.info(
+            "dataset %s: %d files in %d shard(s) of up to %d, %s -> %s",
+            dataset.name,
+            sum(len(s["files"]) for s in planned),
+            len(planned),
+            conf.shard_size,
+            dataset.input,
+            dataset.output,
+        )
+    return shards

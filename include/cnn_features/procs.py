@@ -1,0 +1,53 @@
+"""Start fresh Python processes: the only place CUDA is ever touched."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any, Literal
+
+Device = Literal["gpu", "cpu"]
+
+# Prefix of the one line a child prints to hand its result back.
+RESULT_PREFIX = "CNN_FEATURES_RESULT "
+# Prefix of progress lines a shard worker prints while it runs.
+PROGRESS_PREFIX = "CNN_FEATURES_PROGRESS "
+
+
+def child_env(device: Device) -> dict[str, str]:
+    """Return the environment for a child that must run on ``device``.
+
+    A CPU child gets CUDA hidden (``CUDA_VISIBLE_DEVICES=-1``) so nothing in it
+    can touch a GPU, however the libraries are built.
+    """
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    # TensorFlow's C++ INFO/WARNING chatter (oneDNN notices, CPU flags) buries
+    # the shard log; errors still show.
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = "-1"
+    return env
+
+
+def python_module_cmd(module: str, *args: str) -> list[str]:
+    """Return the command that runs ``python -m module args`` in this interpreter."""
+    return [sys.executable, "-m", module, *args]
+
+
+def emit(prefix: str, payload: dict[str, Any]) -> None:
+    """Print one prefixed JSON line to stdout for the parent to pick up."""
+    sys.stdout.write(prefix + json.dumps(payload, sort_keys=True) + "\n")
+    sys.stdout.flush()
+
+
+def parse_line(line: str, prefix: str) -> dict[str, Any] | None:
+    """Return the JSON payload of a prefixed line, or None for any other line."""
+    if not line.startswith(prefix):
+        return None
+    try:
+        payload = json.loads(line[len(prefix) :])
+    except json.JSONDecodeError:
+        return None
+    return payload if isinstance(payload, dict) else None

@@ -1,0 +1,188 @@
+"""Run a shard in fresh worker processes, falling back from GPU to CPU.
+
+This is the parent side: it never imports TensorFlow, so it is safe inside an
+Airflow task process (which the task supervisor forked). Each attempt is a
+new ``python -m cnn_features.worker`` process; a CPU attempt has CUDA hidden.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cnn_features.errors import ShardFailed
+from cnn_features.procs import (
+    PROGRESS_PREFIX,
+    RESULT_PREFIX,
+    Device,
+    child_env,
+    parse_line,
+    python_module_cmd,
+)
+from cnn_features.storage import write_json_atomic
+
+log = logging.getLogger(__name__)
+
+# Worker statuses that a CPU re-run can fix: the GPU would not start, or the
+# process died (CUDA fault, OOM kill, driver crash) without reporting.
+_GPU_FAULTS = frozenset({"gpu_init_failed", "died"})
+# Lines of worker output kept to explain a death.
+_TAIL_LINES = 20
+# TensorFlow's start-up chatter that no log level setting silences: absl INFO
+# lines (``I0000 00:00:...``) and the notice printed before absl is set up.
+_NOISE = re.compile(r"^(I\d{4} \d\d:\d\d:|WARNING: All log messages before absl::InitializeLog)")
+# Folder (inside each output folder) holding each shard's last result.
+SHARD_RESULTS_DIR = "_shards"
+
+ProgressCallback = Callable[[dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One worker process's outcome."""
+
+    device: Device
+    status: str
+    result: dict[str, Any]
+    error: str | None
+    returncode: int
+    elapsed_s: float
+
+
+def choose_device(requested: str, probe: dict[str, Any]) -> tuple[Device, str]:
+    """Pick the first device to try and say why."""
+    if requested == "cpu":
+        return "cpu", "device=cpu requested"
+    if requested == "gpu":
+        return "gpu", "device=gpu requested"
+    if probe.get("usable"):
+        return "gpu", f"probe found a usable GPU ({probe.get('device_name')})"
+    return "cpu", f"probe found no usable GPU ({probe.get('error')})"
+
+
+def _run_worker(
+    spec_path: Path, device: Device, shard_id: str, on_progress: ProgressCallback | None
+) -> Attempt:
+    started = time.monotonic()
+    cmd = python_module_cmd("cnn_features.worker", "--spec", str(spec_path), "--device", device)
+    log.info("shard %s: starting %s worker: %s", shard_id, device.upper(), " ".join(cmd))
+    result: dict[str, Any] | None = None
+    tail: list[str] = []
+    with subprocess.Popen(
+        cmd,
+        env=child_env(device),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+    ) as proc:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            line = raw.rstrip("\n")
+            if (progress := parse_line(line, PROGRESS_PREFIX)) is not None:
+                log.info(
+                    "shard %s [%s]: %d/%d files (%d extracted, %d already done, %d bad), %.1f files/s",
+                    shard_id,
+                    device.upper(),
+                    progress["done"],
+                    progress["total"],
+                    progress["extracted"],
+                    progress["skipped"],
+                    progress["bad"],
+                    progress["files_per_s"],
+                )
+                if on_progress is not None:
+                    on_progress(progress)
+            elif (payload := parse_line(line, RESULT_PREFIX)) is not None:
+                result = payload
+            elif line.strip() and not _NOISE.match(line):
+                log.info("shard %s [%s worker] %s", shard_id, device.upper(), line)
+                tail = [*tail[-(_TAIL_LINES - 1) :], line]
+        returncode = proc.wait()
+    elapsed = time.monotonic() - started
+    if result is None:
+        how = f"killed by signal {-returncode}" if returncode < 0 else f"exited with code {returncode}"
+        error = f"{device.upper()} worker {how} without a result"
+        if tail:
+            error += ": " + " | ".join(tail[-3:])
+        return Attempt(device, "died", {}, error, returncode, elapsed)
+    status = str(result.get("status", "died"))
+    return Attempt(device, status, result, result.get("error"), returncode, elapsed)
+
+
+def run_shard(
+    spec: dict[str, Any],
+    *,
+    requested_device: str,
+    probe: dict[str, Any],
+    on_progress: ProgressCallback | None = None,
+) -> dict[str, Any]:
+    """Extract one shard in fresh processes and return its result.
+
+    Tries the device chosen from ``requested_device`` and the probe; if a GPU
+    worker fails to initialise or dies, re-runs the shard on CPU (outputs
+    already written are kept and skipped). The result says which device did
+    the work and why, and is also saved as ``<output>/_shards/<id>.json``.
+
+    Raises:
+        ShardFailed: the shard could not be completed on any device.
+    """
+    shard_id = spec["shard_id"]
+    device, reason = choose_device(requested_device, probe)
+    log.info("shard %s: %d files, device %s: %s", shard_id, len(spec["files"]), device.upper(), reason)
+    attempts: list[Attempt] = []
+    fallback_reason: str | None = None
+    with tempfile.TemporaryDirectory(prefix="cnn-shard-") as tmp:
+        spec_path = Path(tmp) / "spec.json"
+        write_json_atomic(spec_path, spec)
+        attempts.append(_run_worker(spec_path, device, shard_id, on_progress))
+        if device == "gpu" and attempts[-1].status in _GPU_FAULTS:
+            fallback_reason = attempts[-1].error
+            log.warning(
+                "shard %s: GPU attempt failed (%s); re-running on CPU in a fresh process with CUDA hidden",
+                shard_id,
+                fallback_reason,
+            )
+            device = "cpu"
+            attempts.append(_run_worker(spec_path, device, shard_id, on_progress))
+    final = attempts[-1]
+    if final.status != "ok":
+        msg = f"shard {shard_id} ({spec['dataset']}) failed on {final.device.upper()}: {final.error}"
+        if fallback_reason:
+            msg += f" (after GPU failure: {fallback_reason})"
+        raise ShardFailed(msg)
+    result = {
+        **final.result,
+        "shard_id": shard_id,
+        "label": spec["label"],
+        "dataset": spec["dataset"],
+        "device": final.device,
+        "device_reason": reason if fallback_reason is None else "fell back to CPU after the GPU attempt failed",
+        "fallback_reason": fallback_reason,
+        "attempts": [
+            {"device": a.device, "status": a.status, "error": a.error, "elapsed_s": round(a.elapsed_s, 3)}
+            for a in attempts
+        ],
+    }
+    write_json_atomic(Path(spec["output"]) / SHARD_RESULTS_DIR / f"{shard_id}.json", result)
+    log.info(
+        "shard %s done on %s: %d extracted, %d already done, %d bad, %.1f files/s%s",
+        shard_id,
+        final.device.upper(),
+        result["extracted"],
+        result["skipped_existing"],
+        len(result["bad"]),
+        result["files_per_s"],
+        f" (CPU fallback: {fallback_reason})" if fallback_reason else "",
+    )
+    for bad in result["bad"]:
+        log.warning("shard %s: bad input %s", shard_id, bad["reason"])
+    return result

@@ -1,0 +1,95 @@
+"""Transactional writes: every output appears whole under its final name or not at all."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# Marker in temporary names; a file holding it is never a finished output.
+TMP_MARKER = ".tmp-"
+
+
+def temp_path(final: Path) -> Path:
+    """Return a hidden, per-process temporary name beside ``final``."""
+    return final.with_name(f".{final.name}{TMP_MARKER}{os.getpid()}")
+
+
+def _commit(tmp: Path, final: Path) -> None:
+    try:
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def save_npy_atomic(final: Path, array: np.ndarray) -> None:
+    """Write ``array`` to ``final`` through a temporary file and a rename.
+
+    A crash at any point leaves either the previous file or the new one, never
+    half of one; a failed write removes its temporary file.
+    """
+    tmp = temp_path(final)
+    try:
+        with open(tmp, "wb") as fh:
+            np.lib.format.write_array(fh, np.ascontiguousarray(array), allow_pickle=False)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _commit(tmp, final)
+
+
+def write_json_atomic(final: Path, payload: Any) -> None:
+    """Write ``payload`` as indented JSON to ``final`` atomically, fsynced."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(final)
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(payload, fh, indent=2, sort_keys=True)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _commit(tmp, final)
+
+
+def remove_stale_temps(folder: Path, final_names: set[str]) -> int:
+    """Delete temporary files left in ``folder`` by killed writers of ``final_names``.
+
+    Only temporaries of the given outputs are touched, so shards sharing a
+    folder never remove each other's in-flight files.
+    """
+    removed = 0
+    try:
+        entries = os.listdir(folder)
+    except FileNotFoundError:
+        return 0
+    for entry in entries:
+        if not entry.startswith(".") or TMP_MARKER not in entry:
+            continue
+        if entry[1:].split(TMP_MARKER, 1)[0] in final_names:
+            (folder / entry).unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def check_feature_file(path: Path, *, feature_dim: int) -> str | None:
+    """Return why ``path`` is not a valid feature vector, or None if it is."""
+    try:
+        array = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        return "missing"
+    except (ValueError, EOFError, OSError) as exc:
+        return f"unreadable ({exc})"
+    if array.dtype != np.float32:
+        return f"dtype {array.dtype}, expected float32"
+    if array.shape != (feature_dim,):
+        return f"shape {array.shape}, expected ({feature_dim},)"
+    if not np.isfinite(array).all():
+        return "non-finite values"
+    return None

@@ -1,0 +1,211 @@
+"""Train an emotion classifier on extracted features, speaker-independently.
+
+``run_training`` (parent side) starts ``python -m cnn_features.training`` in a
+fresh CPU-only process; the child loads the manifest and features, holds out
+whole actors for the test set, trains a small Keras MLP and writes the model
+and a metrics JSON beside the features.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cnn_features.config import Settings
+from cnn_features.datasets import get_dataset
+from cnn_features.errors import CnnFeaturesError, InvalidConf
+from cnn_features.plan import allowed_roots, checked_path
+from cnn_features.procs import RESULT_PREFIX, child_env, emit, parse_line, python_module_cmd
+
+log = logging.getLogger(__name__)
+
+TRAINING_DIR = "training"
+MODEL_NAME = "emotion_classifier.keras"
+METRICS_NAME = "metrics.json"
+# Every fifth actor (in sorted order) is held out: a 20 % speaker-independent test set.
+TEST_EVERY = 5
+DEFAULT_EPOCHS = 150
+SEED = 7
+
+
+class TrainingFailed(CnnFeaturesError):
+    """The classifier could not be trained on these features."""
+
+
+def split_actors(actors: list[str]) -> tuple[list[str], list[str]]:
+    """Split sorted actors into (train, test); every fifth actor is a test actor."""
+    ordered = sorted(set(actors))
+    if len(ordered) < 2:
+        msg = f"need at least 2 actors for a speaker-independent split, got {len(ordered)}"
+        raise TrainingFailed(msg)
+    test = [a for i, a in enumerate(ordered) if i % TEST_EVERY == TEST_EVERY - 1] or [ordered[-1]]
+    return [a for a in ordered if a not in test], test
+
+
+def load_manifest(manifest_path: Path) -> tuple[str, np.ndarray, list[str], list[str]]:
+    """Return dataset name, features (N x D), emotions and actors from a manifest."""
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    root = manifest_path.parent
+    items = manifest["items"]
+    if not items:
+        msg = f"{manifest_path}: no features listed"
+        raise TrainingFailed(msg)
+    features = np.stack([np.load(root / item["feature"], allow_pickle=False) for item in items])
+    return manifest["dataset"], features, [i["emotion"] for i in items], [i["actor"] for i in items]
+
+
+def confusion(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
+    """Return the (true x predicted) count matrix."""
+    matrix = np.zeros((n_classes, n_classes), dtype=np.int64)
+    np.add.at(matrix, (y_true, y_pred), 1)
+    return matrix
+
+
+def train(manifest_path: Path, *, epochs: int = DEFAULT_EPOCHS) -> dict[str, Any]:
+    """Train and evaluate; write the model and metrics; return the metrics."""
+    import keras
+
+    name, x, emotions, actors = load_manifest(manifest_path)
+    classes = [e for e in get_dataset(name).emotions if e in set(emotions)]
+    y = np.array([classes.index(e) for e in emotions])
+    train_actors, test_actors = split_actors(actors)
+    is_test = np.isin(np.array(actors), test_actors)
+    x_train, y_train, x_test, y_test = x[~is_test], y[~is_test], x[is_test], y[is_test]
+
+    keras.utils.set_random_seed(SEED)
+    norm = keras.layers.Normalization(mean=x_train.mean(axis=0), variance=x_train.var(axis=0) + 1e-6)
+    model = keras.Sequential(
+        [
+            keras.Input(shape=(x.shape[1],)),
+            norm,
+            keras.layers.Dense(128, activation="relu"),
+            keras.layers.Dropout(0.3),
+            keras.layers.Dense(len(classes), activation="softmax"),
+        ],
+        name="emotion_classifier",
+    )
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.fit(x_train, y_train, epochs=epochs, batch_size=32, verbose=0, shuffle=True)
+    y_pred = np.argmax(model.predict(x_test, verbose=0), axis=1)
+
+    matrix = confusion(y_test, y_pred, len(classes))
+    support = matrix.sum(axis=1)
+    recall = {c: (float(matrix[i, i] / support[i]) if support[i] else None) for i, c in enumerate(classes)}
+    seen = [r for r in recall.values() if r is not None]
+    metrics = {
+        "dataset": name,
+        "classes": classes,
+        "accuracy": float(np.mean(y_pred == y_test)),
+        "balanced_accuracy": float(np.mean(seen)),
+        "chance_accuracy": 1.0 / len(classes),
+        "majority_baseline": float(np.bincount(y_test).max() / len(y_test)),
+        "per_class_recall": recall,
+        "confusion_matrix": matrix.tolist(),
+        "n_train": int(len(y_train)),
+        "n_test": int(len(y_test)),
+        "train_actors": train_actors,
+        "test_actors": test_actors,
+        "epochs": epochs,
+        "features": str(manifest_path.parent),
+    }
+    out_dir = manifest_path.parent / TRAINING_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    from cnn_features.storage import TMP_MARKER, write_json_atomic
+
+    tmp = out_dir / f".{MODEL_NAME}{TMP_MARKER}.keras"
+    model.save(tmp)
+    tmp.replace(out_dir / MODEL_NAME)
+    metrics["model"] = str(out_dir / MODEL_NAME)
+    write_json_atomic(out_dir / METRICS_NAME, metrics)
+    return metrics
+
+
+def training_jobs(params: dict[str, Any], settings: Settings) -> list[dict[str, str]]:
+    """Validate a training conf and return one job per dataset.
+
+    Raises:
+        InvalidConf: ``datasets`` is not a {name: {features, manifest}} object,
+            a dataset is unknown, or a manifest path is unsafe or missing.
+    """
+    roots = allowed_roots(settings)
+    datasets = params.get("datasets")
+    if not isinstance(datasets, dict) or not datasets:
+        msg = "datasets: expected a non-empty object of {name: {features, manifest}}"
+        raise InvalidConf(msg)
+    jobs = []
+    for name, entry in sorted(datasets.items()):
+        try:
+            get_dataset(name)
+        except CnnFeaturesError as exc:
+            raise InvalidConf(f"datasets.{name}: {exc}") from None
+        if not isinstance(entry, dict) or "manifest" not in entry:
+            msg = f"datasets.{name}: expected an object with a 'manifest' path, got {entry!r}"
+            raise InvalidConf(msg)
+        manifest = checked_path(f"datasets.{name}.manifest", entry["manifest"], roots)
+        if not manifest.is_file():
+            msg = f"datasets.{name}.manifest: {manifest} does not exist; run cnn_feature_extraction first"
+            raise InvalidConf(msg)
+        jobs.append({"dataset": name, "manifest": str(manifest)})
+    return jobs
+
+
+def run_training(manifest_path: Path, *, epochs: int = DEFAULT_EPOCHS, timeout_s: float = 3600) -> dict[str, Any]:
+    """Train in a fresh CPU-only process; return the metrics.
+
+    Raises:
+        TrainingFailed: the child failed; the message carries its error.
+    """
+    proc = subprocess.run(
+        python_module_cmd("cnn_features.training", str(manifest_path), "--epochs", str(epochs)),
+        env=child_env("cpu"),
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+        stdin=subprocess.DEVNULL,
+    )
+    for line in reversed(proc.stdout.splitlines()):
+        payload = parse_line(line, RESULT_PREFIX)
+        if payload is not None:
+            if "error" in payload:
+                raise TrainingFailed(payload["error"])
+            log.info(
+                "%s: accuracy %.3f (balanced %.3f) on %d clips of held-out actors %s; chance %.3f; metrics %s",
+                payload["dataset"],
+                payload["accuracy"],
+                payload["balanced_accuracy"],
+                payload["n_test"],
+                ",".join(payload["test_actors"]),
+                payload["chance_accuracy"],
+                Path(payload["features"]) / TRAINING_DIR / METRICS_NAME,
+            )
+            return payload
+    tail = " | ".join(proc.stderr.strip().splitlines()[-5:])
+    msg = f"training on {manifest_path} exited with code {proc.returncode}: {tail}"
+    raise TrainingFailed(msg)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Child entry point: train on one manifest and print the metrics."""
+    parser = argparse.ArgumentParser(prog="python -m cnn_features.training")
+    parser.add_argument("manifest", type=Path)
+    parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
+    args = parser.parse_args(argv)
+    try:
+        metrics = train(args.manifest, epochs=args.epochs)
+    except (CnnFeaturesError, OSError, ValueError, KeyError) as exc:
+        emit(RESULT_PREFIX, {"error": f"training on {args.manifest} failed: {type(exc).__name__}: {exc}"})
+        return 2
+    emit(RESULT_PREFIX, metrics)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""Verify a run's features against its plan; write a JSON report and a manifest per dataset."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from cnn_features.datasets import get_dataset, label_all
+from cnn_features.errors import VerificationFailed
+from cnn_features.storage import TMP_MARKER, check_feature_file, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+REPORT_NAME = "verification_report.json"
+MANIFEST_NAME = "manifest.json"
+# Problems listed in the task's error message; the report holds all of them.
+_MAX_LISTED = 50
+
+
+def _scan_outputs(output: Path) -> tuple[set[str], list[str]]:
+    """Return feature files (relative) and leftover temporaries under ``output``.
+
+    Folders starting with ``_`` hold the pipeline's own records, not features.
+    """
+    features: set[str] = set()
+    temps: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(output):
+        dirnames[:] = [d for d in dirnames if not d.startswith(("_", "."))]
+        rel_dir = Path(dirpath).relative_to(output)
+        for name in filenames:
+            rel = (rel_dir / name).as_posix()
+            if name.startswith(".") and TMP_MARKER in name:
+                temps.append(rel)
+            elif name.endswith(".npy") and not name.startswith("."):
+                features.add(rel)
+    return features, sorted(temps)
+
+
+def verify_dataset(
+    name: str,
+    shards: list[dict[str, Any]],
+    results: dict[str, dict[str, Any]],
+    *,
+    feature_dim: int,
+    max_bad_fraction: float,
+) -> dict[str, Any]:
+    """Check one dataset's outputs; write its report and manifest; return the report."""
+    output = Path(shards[0]["output"])
+    files = [rel for shard in shards for rel in shard["files"]]
+    bad: dict[str, str] = {}
+    for shard in shards:
+        bad.update(shard["rejected"])
+        for item in results.get(shard["shard_id"], {}).get("bad", []):
+            bad[item["file"]] = item["reason"]
+    labels, _ = label_all(get_dataset(name), files)
+    found, temps = _scan_outputs(output)
+
+    missing: list[str] = []
+    invalid: list[dict[str, str]] = []
+    manifest: list[dict[str, str]] = []
+    for rel in files:
+        if rel in bad:
+            continue
+        reason = check_feature_file(output / rel, feature_dim=feature_dim)
+        if reason == "missing":
+            missing.append(rel)
+        elif reason is not None:
+            invalid.append({"file": rel, "reason": f"{rel}: feature file {reason}"})
+        else:
+            label = labels[rel]
+            manifest.append(
+                {"feature": rel, "clip_id": label.clip_id, "emotion": label.emotion, "actor": label.actor}
+            )
+    orphans = sorted(found - set(files))
+    bad_fraction = len(bad) / len(files) if files else 0.0
+    problems = [f"{name}: {rel}: no feature file" for rel in missing]
+    problems += [f"{name}: {item['reason']}" for item in invalid]
+    if bad_fraction > max_bad_fraction:
+        problems.append(
+            f"{name}: {len(bad)} of {len(files)} inputs are bad ({bad_fraction:.1%}), "
+            f"above max_bad_fraction {max_bad_fraction:.1%}"
+        )
+        problems += [f"{name}: bad input {reason}" for reason in bad.values()]
+
+    report = {
+        "dataset": name,
+        "input": shards[0]["input"],
+        "output": str(output),
+        "passed": not problems,
+        "input_files": len(files),
+        "features_ok": len(manifest),
+        "bad_inputs": [{"file": rel, "reason": reason} for rel, reason in sorted(bad.items())],
+        "bad_fraction": round(bad_fraction, 6),
+        "max_bad_fraction": max_bad_fraction,
+        "missing_features": missing,
+        "invalid_features": invalid,
+        "orphan_features": orphans,
+        "stale_temp_files": temps,
+        "feature_dim": feature_dim,
+        "devices": sorted({r.get("device", "?") for r in results.values()}),
+        "fallbacks": [
+            {"shard_id": sid, "reason": r["fallback_reason"]}
+            for sid, r in sorted(results.items())
+            if r.get("fallback_reason")
+        ],
+        "problems": problems,
+    }
+    write_json_atomic(output / MANIFEST_NAME, {"dataset": name, "feature_dim": feature_dim, "items": manifest})
+    write_json_atomic(output / REPORT_NAME, report)
+    return report
+
+
+def verify_run(
+    shards: list[dict[str, Any]], results: list[dict[str, Any]], *, max_bad_fraction: float
+) -> dict[str, Any]:
+    """Verify every dataset of a run; raise listing all problems if any.
+
+    Returns:
+        A summary with each dataset's counts, report and manifest paths, and
+        ``training_conf``, the conf the training DAG takes.
+
+    Raises:
+        VerificationFailed: features are missing or invalid, or too many inputs
+            are bad; the reports are written first.
+    """
+    by_dataset: dict[str, list[dict[str, Any]]] = {}
+    for shard in shards:
+        by_dataset.setdefault(shard["dataset"], []).append(shard)
+    by_id = {r["shard_id"]: r for r in results}
+    summary: dict[str, Any] = {"passed": True, "datasets": {}, "training_conf": {"datasets": {}}}
+    problems: list[str] = []
+    for name, dataset_shards in sorted(by_dataset.items()):
+        report = verify_dataset(
+            name,
+            dataset_shards,
+            {s["shard_id"]: by_id[s["shard_id"]] for s in dataset_shards if s["shard_id"] in by_id},
+            feature_dim=int(dataset_shards[0]["model"]["feature_dim"]),
+            max_bad_fraction=max_bad_fraction,
+        )
+        output = Path(report["output"])
+        summary["datasets"][name] = {
+            "passed": report["passed"],
+            "input_files": report["input_files"],
+            "features_ok": report["features_ok"],
+            "bad_inputs": len(report["bad_inputs"]),
+            "missing": len(report["missing_features"]),
+            "invalid": len(report["invalid_features"]),
+            "report": str(output / REPORT_NAME),
+            "manifest": str(output / MANIFEST_NAME),
+        }
+        summary["training_conf"]["datasets"][name] = {
+            "features": str(output),
+            "manifest": str(output / MANIFEST_NAME),
+        }
+        problems += report["problems"]
+        _log_report(report)
+    summary["passed"] = not problems
+    if problems:
+        listed = "\n  ".join(problems[:_MAX_LISTED])
+        more = f"\n  ... and {len(problems) - _MAX_LISTED} more (see the reports)" if len(problems) > _MAX_LISTED else ""
+        msg = f"verification failed with {len(problems)} problem(s):\n  {listed}{more}"
+        raise VerificationFailed(msg)
+    return summary
+
+
+def _log_report(report: dict[str, Any]) -> None:
+    log.info(
+        "%s: %s - %d inputs, %d features ok, %d bad inputs, %d missing, %d invalid, %d orphan, devices %s; report %s",
+        report["dataset"],
+        "PASSED" if report["passed"] else "FAILED",
+        report["input_files"],
+        report["features_ok"],
+        len(report["bad_inputs"]),
+        len(report["missing_features"]),
+        len(report["invalid_features"]),
+        len(report["orphan_features"]),
+        ",".join(report["devices"]) or "-",
+        Path(report["output"]) / REPORT_NAME,
+    )
+    for item in report["bad_inputs"]:
+        log.warning("%s: bad input %s", report["dataset"], item["reason"])
+    for shard in report["fallbacks"]:
+        log.warning("%s: shard %s ran on CPU after GPU failure: %s", report["dataset"], shard["shard_id"], shard["reason"])
+    if report["orphan_features"]:
+        log.warning(
+            "%s: %d feature file(s) have no input (input removed?), e.g. %s",
+            report["dataset"],
+            len(report["orphan_features"]),
+            report["orphan_features"][0],
+        )
