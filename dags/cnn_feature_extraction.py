@@ -102,13 +102,18 @@ def cnn_feature_extraction() -> None:
         from cnn_features import plan
         from cnn_features.errors import InvalidConf, ModelError, OutputConflict
 
-        params = get_current_context()["params"]
+        from cnn_features.progress import run_folder, write_plan
+
+        context = get_current_context()
         try:
-            conf = plan.validate_conf(dict(params), SETTINGS)
+            conf = plan.validate_conf(dict(context["params"]), SETTINGS)
             model = plan.check_model(conf.model_path, SETTINGS)
-            return plan.plan_run(conf, model, batch_size=SETTINGS.batch_size)
+            shards = plan.plan_run(conf, model, batch_size=SETTINGS.batch_size)
         except (InvalidConf, ModelError, OutputConflict) as exc:
             raise AirflowFailException(str(exc)) from None
+        run_id = context["run_id"]
+        write_plan(run_folder(SETTINGS.progress_root, run_id), run_id, shards)
+        return shards
 
     @task(
         map_index_template="{{ task.op_kwargs['shard']['label'] }}",
@@ -117,10 +122,16 @@ def cnn_feature_extraction() -> None:
     )
     def extract_shard(shard: dict[str, Any], probe: dict[str, Any]) -> dict[str, Any]:
         """Extract one shard in fresh worker processes, GPU first when chosen, CPU on failure."""
+        from cnn_features.progress import run_folder
         from cnn_features.runner import run_shard
 
-        device = get_current_context()["params"]["device"]
-        return run_shard(shard, requested_device=device, probe=probe)
+        context = get_current_context()
+        return run_shard(
+            shard,
+            requested_device=context["params"]["device"],
+            probe=probe,
+            progress_dir=run_folder(SETTINGS.progress_root, context["run_id"]),
+        )
 
     @task(retries=0, multiple_outputs=True)
     def verify_features(shards: list[dict[str, Any]], results: list[dict[str, Any]]) -> dict[str, Any]:

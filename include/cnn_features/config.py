@@ -80,6 +80,10 @@ class Settings:
         return self.home / "features"
 
     @property
+    def progress_root(self) -> Path:
+        return self.home / "progress"
+
+    @property
     def model_dir(self) -> Path:
         return self.home / "models"
 

@@ -67,7 +67,9 @@ def parse_ravdess(relpath: str) -> ClipLabel:
         msg = f"{relpath}: actor {actor} in the name but file is in {path.parent.name or 'the root'!r}, not 'Actor_{actor}'"
         raise InvalidInput(msg)
     emotion = RAVDESS_EMOTIONS[int(match["emotion"]) - 1]
-    return ClipLabel(clip_id=path.stem, emotion=emotion, actor=actor)
+    # The modality digit is left out of the clip id: the audio-only and the
+    # audio-visual recording of a take are the same clip.
+    return ClipLabel(clip_id=path.stem[3:], emotion=emotion, actor=actor)
 
 
 def parse_crema_d(relpath: str) -> ClipLabel:

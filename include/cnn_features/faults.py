@@ -7,6 +7,9 @@ production.
 ========================  =====================================================
 ``gpu_init_error``        the GPU worker fails at CUDA initialisation with the
                           driver's ``CUDA_ERROR_NOT_INITIALIZED`` text
+``fake_gpu``              the GPU worker skips its CUDA check and runs on what
+                          TensorFlow has, so GPU-only paths (a GPU worker dying
+                          mid-shard) can be driven on a machine without a GPU
 ``gpu_die_after=N``       the GPU worker SIGKILLs itself after writing N files
 ``die_after=N``           any worker SIGKILLs itself after writing N files
 ``probe_hang``            the GPU probe child never returns

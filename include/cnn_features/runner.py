@@ -26,6 +26,7 @@ from cnn_features.procs import (
     parse_line,
     python_module_cmd,
 )
+from cnn_features.progress import ProgressLog
 from cnn_features.storage import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -123,7 +124,7 @@ def run_shard(
     *,
     requested_device: str,
     probe: dict[str, Any],
-    on_progress: ProgressCallback | None = None,
+    progress_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Extract one shard in fresh processes and return its result.
 
@@ -131,6 +132,8 @@ def run_shard(
     worker fails to initialise or dies, re-runs the shard on CPU (outputs
     already written are kept and skipped). The result says which device did
     the work and why, and is also saved as ``<output>/_shards/<id>.json``.
+    With ``progress_dir``, progress records are appended there as it runs
+    (see ``progress``).
 
     Raises:
         ShardFailed: the shard could not be completed on any device.
@@ -140,6 +143,14 @@ def run_shard(
     log.info("shard %s: %d files, device %s: %s", shard_id, len(spec["files"]), device.upper(), reason)
     attempts: list[Attempt] = []
     fallback_reason: str | None = None
+    records = ProgressLog(progress_dir, spec) if progress_dir is not None else None
+
+    def on_progress(progress: dict[str, Any]) -> None:
+        if records is not None:
+            records.write(state="running", fallback_reason=fallback_reason, **progress)
+
+    if records is not None:
+        records.write(state="running", device=device, done=0, files_per_s=0.0, fallback_reason=None)
     with tempfile.TemporaryDirectory(prefix="cnn-shard-") as tmp:
         spec_path = Path(tmp) / "spec.json"
         write_json_atomic(spec_path, spec)
@@ -158,6 +169,8 @@ def run_shard(
         msg = f"shard {shard_id} ({spec['dataset']}) failed on {final.device.upper()}: {final.error}"
         if fallback_reason:
             msg += f" (after GPU failure: {fallback_reason})"
+        if records is not None:
+            records.write(state="failed", device=final.device, fallback_reason=fallback_reason, error=msg)
         raise ShardFailed(msg)
     result = {
         **final.result,
@@ -173,6 +186,18 @@ def run_shard(
         ],
     }
     write_json_atomic(Path(spec["output"]) / SHARD_RESULTS_DIR / f"{shard_id}.json", result)
+    if records is not None:
+        records.write(
+            state="success",
+            device=final.device,
+            fallback_reason=fallback_reason,
+            done=result["files_total"],
+            extracted=result["extracted"],
+            skipped=result["skipped_existing"],
+            bad=len(result["bad"]),
+            files_per_s=result["files_per_s"],
+            elapsed_s=result["elapsed_s"],
+        )
     log.info(
         "shard %s done on %s: %d extracted, %d already done, %d bad, %.1f files/s%s",
         shard_id,

@@ -86,8 +86,11 @@ class Tally:
 
 def init_gpu() -> str:
     """Make sure this process can run kernels on a GPU; return its name."""
-    if "gpu_init_error" in faults.active():
+    injected = faults.active()
+    if "gpu_init_error" in injected:
         raise GpuInitError(f"{faults.CUDA_NOT_INITIALIZED} (injected by {faults.ENV_VAR})")
+    if "fake_gpu" in injected:
+        return f"none (fake_gpu injected by {faults.ENV_VAR})"
     import tensorflow as tf
 
     gpus = tf.config.list_physical_devices("GPU")

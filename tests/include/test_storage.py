@@ -1,0 +1,74 @@
+"""Atomic writes and feature-file checks."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cnn_features import storage
+
+
+def test_save_npy_atomic_leaves_only_the_final_file(tmp_path: Path) -> None:
+    """After a save, the final file holds the array and no temporary remains."""
+    final = tmp_path / "f.npy"
+    storage.save_npy_atomic(final, np.arange(4, dtype=np.float32))
+    np.testing.assert_array_equal(np.load(final), np.arange(4, dtype=np.float32))
+    assert os.listdir(tmp_path) == ["f.npy"]
+
+
+def test_failed_write_keeps_old_file_and_removes_temp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write that dies half-way leaves the previous file intact and no temporary behind."""
+    final = tmp_path / "f.npy"
+    storage.save_npy_atomic(final, np.ones(4, dtype=np.float32))
+
+    def explode(fh, array, allow_pickle):  # noqa: ANN001 - stand-in for np's writer
+        fh.write(b"\x93NUMPY partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np.lib.format, "write_array", explode)
+    with pytest.raises(OSError, match="No space left"):
+        storage.save_npy_atomic(final, np.zeros(4, dtype=np.float32))
+    np.testing.assert_array_equal(np.load(final), np.ones(4, dtype=np.float32))
+    assert os.listdir(tmp_path) == ["f.npy"]
+
+
+def test_write_json_atomic_creates_parents(tmp_path: Path) -> None:
+    """JSON goes through a temporary file into place, parents created."""
+    storage.write_json_atomic(tmp_path / "a" / "b.json", {"x": 1})
+    assert (tmp_path / "a" / "b.json").read_text() == '{\n  "x": 1\n}\n'
+    assert os.listdir(tmp_path / "a") == ["b.json"]
+
+
+def test_remove_stale_temps_touches_only_named_outputs(tmp_path: Path) -> None:
+    """Only temporaries of the given outputs go; other shards' and real files stay."""
+    names = [".a.npy.tmp-11", ".b.npy.tmp-12", "a.npy", ".hidden"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    assert storage.remove_stale_temps(tmp_path, {"a.npy"}) == 1
+    assert sorted(os.listdir(tmp_path)) == [".b.npy.tmp-12", ".hidden", "a.npy"]
+
+
+@pytest.mark.parametrize(
+    ("array", "reason"),
+    [
+        (np.zeros(8, dtype=np.float32), None),
+        (np.zeros(8, dtype=np.float64), "dtype float64"),
+        (np.zeros(7, dtype=np.float32), "shape (7,)"),
+        (np.full(8, np.nan, dtype=np.float32), "non-finite"),
+    ],
+)
+def test_check_feature_file(tmp_path: Path, array: np.ndarray, reason: str | None) -> None:
+    """A feature file must be a finite float32 vector of the model's dimension."""
+    np.save(tmp_path / "f.npy", array)
+    result = storage.check_feature_file(tmp_path / "f.npy", feature_dim=8)
+    assert result == reason if reason is None else reason in result
+
+
+def test_check_feature_file_missing_and_corrupt(tmp_path: Path) -> None:
+    """Missing and unreadable feature files are told apart."""
+    assert storage.check_feature_file(tmp_path / "nope.npy", feature_dim=8) == "missing"
+    (tmp_path / "bad.npy").write_bytes(b"\x93NUMPY garbage")
+    assert storage.check_feature_file(tmp_path / "bad.npy", feature_dim=8).startswith("unreadable")

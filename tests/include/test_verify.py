@@ -1,0 +1,89 @@
+"""Verification against the plan: reports, manifests and the list of problems."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from cnn_features.errors import VerificationFailed
+from cnn_features.plan import DatasetIO, plan_dataset
+from cnn_features.verify import verify_run
+from tests.conftest import make_ravdess
+
+DIM = 8
+MODEL = {"feature_dim": DIM, "sha256": "0" * 64, "path": "/m.keras"}
+
+
+def planned(tmp_path: Path, **kw: Any) -> list[dict[str, Any]]:
+    make_ravdess(tmp_path / "in", actors=2, emotions=3, **kw)
+    shards = plan_dataset(DatasetIO("ravdess", tmp_path / "in", tmp_path / "out"), shard_size=4)
+    return [{**s, "model": MODEL} for s in shards]
+
+
+def fake_extract(shards: list[dict[str, Any]], *, skip: int = 0) -> list[dict[str, Any]]:
+    """Write a valid feature for every planned file but the first ``skip``."""
+    files = [(Path(s["output"]), rel) for s in shards for rel in s["files"]]
+    for out, rel in files[skip:]:
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        np.save(out / rel, np.ones(DIM, dtype=np.float32))
+    return [{"shard_id": s["shard_id"], "bad": [], "device": "cpu", "fallback_reason": None} for s in shards]
+
+
+def test_complete_run_passes_and_writes_report_and_manifest(tmp_path: Path) -> None:
+    """All features present: passed, with a JSON report and a labelled manifest."""
+    shards = planned(tmp_path)
+    summary = verify_run(shards, fake_extract(shards), max_bad_fraction=0.0)
+    assert summary["passed"] and summary["datasets"]["ravdess"]["features_ok"] == 6
+    report = json.loads((tmp_path / "out" / "verification_report.json").read_text())
+    assert report["passed"] and report["input_files"] == 6 and report["problems"] == []
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert {i["emotion"] for i in manifest["items"]} == {"neutral", "calm", "happy"}
+    assert summary["training_conf"]["datasets"]["ravdess"]["manifest"] == str(tmp_path / "out" / "manifest.json")
+
+
+def test_missing_and_invalid_features_fail_listing_each(tmp_path: Path) -> None:
+    """A missing feature and a wrong-shape one are both named; the report is still written."""
+    shards = planned(tmp_path)
+    results = fake_extract(shards, skip=1)
+    wrong = Path(shards[1]["output"]) / shards[1]["files"][0]
+    np.save(wrong, np.ones(DIM + 1, dtype=np.float32))
+    with pytest.raises(VerificationFailed) as info:
+        verify_run(shards, results, max_bad_fraction=0.0)
+    text = str(info.value)
+    assert f"{shards[0]['files'][0]}: no feature file" in text
+    assert f"{shards[1]['files'][0]}: feature file shape (9,)" in text
+    report = json.loads((tmp_path / "out" / "verification_report.json").read_text())
+    assert not report["passed"] and len(report["missing_features"]) == 1 and len(report["invalid_features"]) == 1
+
+
+def test_bad_inputs_fail_unless_tolerated(tmp_path: Path) -> None:
+    """Bad inputs fail verification at max_bad_fraction 0 and pass (still listed) when tolerated."""
+    shards = planned(tmp_path)
+    results = fake_extract(shards)
+    first = shards[0]["files"][0]
+    (Path(shards[0]["output"]) / first).unlink()
+    results[0]["bad"] = [{"file": first, "reason": f"{first}: 3 NaN or infinite value(s)"}]
+    with pytest.raises(VerificationFailed, match=r"(?s)1 of 6 inputs are bad .*NaN"):
+        verify_run(shards, results, max_bad_fraction=0.0)
+    summary = verify_run(shards, results, max_bad_fraction=0.2)
+    assert summary["passed"] and summary["datasets"]["ravdess"]["bad_inputs"] == 1
+    report = json.loads((tmp_path / "out" / "verification_report.json").read_text())
+    assert report["bad_inputs"] == [{"file": first, "reason": f"{first}: 3 NaN or infinite value(s)"}]
+
+
+def test_orphans_and_stale_temps_are_reported(tmp_path: Path) -> None:
+    """Features without an input and leftover temporaries show up in the report."""
+    shards = planned(tmp_path)
+    results = fake_extract(shards)
+    out = tmp_path / "out"
+    (out / "Actor_09").mkdir()
+    np.save(out / "Actor_09" / "x.npy", np.ones(DIM, np.float32))
+    (out / "Actor_01" / ".y.npy.tmp-1").write_bytes(b"")
+    verify_run(shards, results, max_bad_fraction=0.0)
+    report = json.loads((out / "verification_report.json").read_text())
+    assert report["orphan_features"] == ["Actor_09/x.npy"]
+    assert report["stale_temp_files"] == ["Actor_01/.y.npy.tmp-1"]
