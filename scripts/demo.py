@@ -20,19 +20,27 @@ from cnn_features.config import load_settings
 from cnn_features.demo import generate
 
 
-def airflow(*args: str, log: Path) -> None:
-    """Run an airflow command, its output to ``log``; on failure show the log's tail and exit."""
+class AirflowFailed(RuntimeError):
+    """An airflow CLI command exited non-zero."""
+
+
+def airflow(*args: str, log: Path, env: dict[str, str] | None = None) -> None:
+    """Run an airflow command, its output appended to ``log``.
+
+    Raises:
+        AirflowFailed: the command failed; the message holds the log's tail.
+    """
     with open(log, "a", encoding="utf-8") as fh:
         fh.write(f"\n$ airflow {' '.join(args)}\n")
         fh.flush()
-        proc = subprocess.run(["airflow", *args], stdout=fh, stderr=subprocess.STDOUT, check=False)
+        proc = subprocess.run(["airflow", *args], stdout=fh, stderr=subprocess.STDOUT, check=False, env=env)
     if proc.returncode != 0:
         tail = log.read_text(encoding="utf-8", errors="replace").splitlines()[-60:]
-        sys.exit(f"airflow {args[0]} {args[1] if len(args) > 1 else ''} failed (exit {proc.returncode}); "
-                 f"last lines of {log}:\n" + "\n".join(tail))
+        msg = f"airflow {' '.join(args[:3])} failed (exit {proc.returncode}); last lines of {log}:\n" + "\n".join(tail)
+        raise AirflowFailed(msg)
 
 
-def triggered_run() -> tuple[str, dict]:
+def triggered_run(env: dict[str, str] | None = None) -> tuple[str, dict]:
     """Return run id and conf of the newest emotion_training run that trigger_training created."""
     code = (
         "import json\n"
@@ -43,13 +51,22 @@ def triggered_run() -> tuple[str, dict]:
         "          .order_by(DagRun.id.desc()).first())\n"
         "    print('RUN ' + json.dumps([dr.run_id, dr.conf]))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     line = next(line for line in reversed(out.stdout.splitlines()) if line.startswith("RUN "))
     run_id, conf = json.loads(line[4:])
     return run_id, conf
 
 
 def main() -> int:
+    """Run the demo; exit non-zero with the log's tail if a step fails."""
+    try:
+        return run_demo()
+    except AirflowFailed as exc:
+        print(exc, file=sys.stderr)
+        return 1
+
+
+def run_demo() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--full", action="store_true", help="the full-size corpus (1,440 + 7,442 files)")
     parser.add_argument("--shard-size", type=int, default=None, help="files per shard (default: 120 small, 500 full)")

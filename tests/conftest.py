@@ -86,69 +86,72 @@ class PickleBomb:
 
 
 def add_bad_inputs(root: Path, marker: Path) -> dict[str, str]:
-    """Add one file of each bad-input class to a RAVDESS-layout root; return rel -> expected reason words."""
+    """Add one file of each bad-input class to a RAVDESS-layout root; return rel -> expected reason words.
+
+    Everything goes into ``Actor_77``, a folder no generated corpus uses.
+    """
     bad: dict[str, str] = {}
-    actor = root / "Actor_01"
+    actor = root / "Actor_77"
     actor.mkdir(parents=True, exist_ok=True)
 
-    full = actor / "03-01-04-01-01-01-01.npy"
+    full = actor / "03-01-04-01-01-01-77.npy"
     np.save(full, tiny_spectrogram(7, 32))
     data = full.read_bytes()
-    (actor / "03-01-04-01-01-01-01.npy").write_bytes(data[: len(data) // 2])
-    bad["Actor_01/03-01-04-01-01-01-01.npy"] = "truncated"
+    (actor / "03-01-04-01-01-01-77.npy").write_bytes(data[: len(data) // 2])
+    bad["Actor_77/03-01-04-01-01-01-77.npy"] = "truncated"
 
-    with open(actor / "03-01-04-01-01-02-01.npy", "wb") as fh:
+    with open(actor / "03-01-04-01-01-02-77.npy", "wb") as fh:
         np.save(fh, np.array([PickleBomb(marker)], dtype=object), allow_pickle=True)
-    bad["Actor_01/03-01-04-01-01-02-01.npy"] = "pickle"
+    bad["Actor_77/03-01-04-01-01-02-77.npy"] = "pickle"
 
-    write_clip(actor / "03-01-04-01-02-01-01.npy", np.zeros((128, 32, 2), dtype=np.float32))
-    bad["Actor_01/03-01-04-01-02-01-01.npy"] = "2-D"
+    write_clip(actor / "03-01-04-01-02-01-77.npy", np.zeros((128, 32, 2), dtype=np.float32))
+    bad["Actor_77/03-01-04-01-02-01-77.npy"] = "2-D"
 
     nan = tiny_spectrogram(8, 32)
     nan[3, 5] = np.nan
     nan[4, 6] = np.inf
-    write_clip(actor / "03-01-04-01-02-02-01.npy", nan)
-    bad["Actor_01/03-01-04-01-02-02-01.npy"] = "NaN"
+    write_clip(actor / "03-01-04-01-02-02-77.npy", nan)
+    bad["Actor_77/03-01-04-01-02-02-77.npy"] = "NaN"
 
-    write_clip(actor / "03-01-04-02-01-01-01.npy", tiny_spectrogram(9, 8))
-    bad["Actor_01/03-01-04-02-01-01-01.npy"] = "frames"
+    write_clip(actor / "03-01-04-02-01-01-77.npy", tiny_spectrogram(9, 8))
+    bad["Actor_77/03-01-04-02-01-01-77.npy"] = "frames"
 
-    write_clip(actor / "03-01-04-02-01-02-01.npy", np.ones((128, 32), dtype=np.int16))
-    bad["Actor_01/03-01-04-02-01-02-01.npy"] = "dtype int16"
+    write_clip(actor / "03-01-04-02-01-02-77.npy", np.ones((128, 32), dtype=np.int16))
+    bad["Actor_77/03-01-04-02-01-02-77.npy"] = "dtype int16"
 
-    write_clip(actor / "03-01-04-02-02-01-01.npy", np.ones((128, 32), dtype=np.complex64))
-    bad["Actor_01/03-01-04-02-02-01-01.npy"] = "dtype complex64"
+    write_clip(actor / "03-01-04-02-02-01-77.npy", np.ones((128, 32), dtype=np.complex64))
+    bad["Actor_77/03-01-04-02-02-01-77.npy"] = "dtype complex64"
 
     (actor / "notes.txt").write_text("not a spectrogram\n")
-    bad["Actor_01/notes.txt"] = "not a .npy file"
+    bad["Actor_77/notes.txt"] = "not a .npy file"
 
-    (actor / "03-01-04-02-02-02-01.npy").write_bytes(b"this is not numpy at all")
-    bad["Actor_01/03-01-04-02-02-02-01.npy"] = "not a .npy file"
+    (actor / "03-01-04-02-02-02-77.npy").write_bytes(b"this is not numpy at all")
+    bad["Actor_77/03-01-04-02-02-02-77.npy"] = "not a .npy file"
 
     outside = root.parent / "outside.npy"
     np.save(outside, tiny_spectrogram(10, 32))
-    (actor / "03-01-05-01-01-01-01.npy").symlink_to(outside)
-    bad["Actor_01/03-01-05-01-01-01-01.npy"] = "outside the dataset root"
+    (actor / "03-01-05-01-01-01-77.npy").symlink_to(outside)
+    bad["Actor_77/03-01-05-01-01-01-77.npy"] = "outside the dataset root"
 
     write_clip(actor / "angry_take_3.npy", tiny_spectrogram(11, 32))
-    bad["Actor_01/angry_take_3.npy"] = "does not follow RAVDESS"
+    bad["Actor_77/angry_take_3.npy"] = "does not follow RAVDESS"
 
     # The audio-visual (01-) and audio-only (03-) files of one take are one clip:
     # the first in sorted order is extracted, the second reported.
-    write_clip(actor / "01-01-06-01-01-01-01.npy", tiny_spectrogram(12, 32))
-    write_clip(actor / "03-01-06-01-01-01-01.npy", tiny_spectrogram(13, 32))
-    bad["Actor_01/03-01-06-01-01-01-01.npy"] = "duplicate clip id"
+    write_clip(actor / "01-01-06-01-01-01-77.npy", tiny_spectrogram(12, 32))
+    write_clip(actor / "03-01-06-01-01-01-77.npy", tiny_spectrogram(13, 32))
+    bad["Actor_77/03-01-06-01-01-01-77.npy"] = "duplicate clip id"
 
     # A header promising 128 x 10^9 float32 (512 GB): refused before any data is read.
-    with open(actor / "03-01-05-01-01-02-01.npy", "wb") as fh:
+    with open(actor / "03-01-05-01-01-02-77.npy", "wb") as fh:
         np.lib.format.write_array_header_2_0(fh, {"descr": "<f4", "fortran_order": False, "shape": (128, 10**9)})
         fh.write(b"\0" * 64)
-    bad["Actor_01/03-01-05-01-01-02-01.npy"] = "element limit"
+    bad["Actor_77/03-01-05-01-01-02-77.npy"] = "element limit"
     return bad
 
 
 # Good files add_bad_inputs writes besides the bad ones.
-GOOD_EXTRA = ("Actor_01/01-01-06-01-01-01-01.npy",)
+GOOD_EXTRA = ("Actor_77/01-01-06-01-01-01-77.npy",)
 
 
 @contextlib.contextmanager

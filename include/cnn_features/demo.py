@@ -69,12 +69,15 @@ def spectrogram(name: str, emotion: str, actor: int, *, frames_range: tuple[int,
     n = frames if frames is not None else int(rng.integers(frames_range[0], frames_range[1] + 1))
     m = np.arange(N_MELS, dtype=np.float32)[:, None]
     t = np.arange(n, dtype=np.float32)[None, :]
-    center = 40.0 + actor_rng.uniform(-6, 6) + rng.uniform(-3, 3)
-    spacing = style.spacing * actor_rng.uniform(0.9, 1.1)
-    level = style.level + actor_rng.uniform(-0.3, 0.3) + (0.3 if intense else 0.0)
-    band = np.exp(-0.5 * ((m - center) / style.width) ** 2)
+    # Speakers and takes vary: the emotion sets a style, not exact values.
+    center = 40.0 + actor_rng.uniform(-8, 8) + rng.uniform(-4, 4)
+    spacing = style.spacing * actor_rng.uniform(0.85, 1.15) * rng.uniform(0.9, 1.1)
+    level = style.level + actor_rng.uniform(-0.5, 0.5) + rng.uniform(-0.4, 0.4) + (0.3 if intense else 0.0)
+    width = style.width * rng.uniform(0.75, 1.25)
+    rate = style.rate * rng.uniform(0.75, 1.25)
+    band = np.exp(-0.5 * ((m - center) / width) ** 2)
     stripes = 0.5 + 0.5 * np.cos(2 * np.pi * m / spacing)
-    modulation = 0.6 + 0.4 * np.sin(2 * np.pi * style.rate * t / FRAMES_PER_S + rng.uniform(0, 2 * np.pi))
+    modulation = 0.6 + 0.4 * np.sin(2 * np.pi * rate * t / FRAMES_PER_S + rng.uniform(0, 2 * np.pi))
     onset, offset = int(n * rng.uniform(0.05, 0.15)), int(n * rng.uniform(0.85, 0.95))
     voiced = np.zeros((1, n), dtype=np.float32)
     voiced[:, onset:offset] = 1.0
