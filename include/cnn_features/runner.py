@@ -7,12 +7,16 @@ new ``python -m cnn_features.worker`` process; a CPU attempt has CUDA hidden.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
+import os
 import re
+import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -139,6 +143,57 @@ def run_shard(
         ShardFailed: the shard could not be completed on any device.
     """
     shard_id = spec["shard_id"]
+    with shard_lock(Path(spec["output"]), shard_id):
+        return _run_locked(spec, shard_id, requested_device=requested_device, probe=probe, progress_dir=progress_dir)
+
+
+@contextlib.contextmanager
+def shard_lock(output: Path, shard_id: str) -> Iterator[None]:
+    """Hold an exclusive lock on one shard of one output folder, or fail at once.
+
+    Two runs extracting the same shard into the same folder would only do the
+    work twice (writes are atomic and idempotent), so the second one fails
+    fast, naming the holder, and Airflow retries it later. The kernel drops
+    the lock when its holder dies, so a killed run never blocks the next.
+
+    Raises:
+        ShardFailed: another process holds the lock.
+    """
+    folder = output / SHARD_RESULTS_DIR
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fh = open(folder / f"{shard_id}.lock", "a+", encoding="utf-8")  # noqa: SIM115 - held for the block
+    except OSError as exc:
+        msg = f"shard {shard_id}: cannot write to output folder {output} ({exc.strerror or exc})"
+        raise ShardFailed(msg) from None
+    with fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            msg = f"shard {shard_id}: {output} is being extracted by {holder}; not running it twice at once"
+            raise ShardFailed(msg) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        fh.flush()
+        try:
+            yield
+        finally:
+            fh.seek(0)
+            fh.truncate()
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _run_locked(
+    spec: dict[str, Any],
+    shard_id: str,
+    *,
+    requested_device: str,
+    probe: dict[str, Any],
+    progress_dir: Path | None,
+) -> dict[str, Any]:
     device, reason = choose_device(requested_device, probe)
     log.info("shard %s: %d files, device %s: %s", shard_id, len(spec["files"]), device.upper(), reason)
     attempts: list[Attempt] = []

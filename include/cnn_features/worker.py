@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 import time
 from collections import deque
@@ -232,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=("gpu", "cpu"), required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # Past a file-size limit (RLIMIT_FSIZE) the kernel would kill us with
+    # SIGXFSZ; ignored, the write fails with EFBIG and is reported like a full disk.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     spec = json.loads(args.spec.read_text(encoding="utf-8"))
 
     if args.device == "gpu":
