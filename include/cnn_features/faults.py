@@ -12,6 +12,8 @@ production.
                           mid-shard) can be driven on a machine without a GPU
 ``gpu_die_after=N``       the GPU worker SIGKILLs itself after writing N files
 ``die_after=N``           any worker SIGKILLs itself after writing N files
+``fsize_limit=BYTES``     any worker runs under RLIMIT_FSIZE=BYTES, so writing
+                          a feature file fails as on a full disk
 ``probe_hang``            the GPU probe child never returns
 ``probe_crash``           the GPU probe child aborts (SIGABRT)
 ========================  =====================================================

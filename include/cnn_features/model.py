@@ -18,7 +18,7 @@ import keras
 import numpy as np
 
 from cnn_features.errors import ModelError
-from cnn_features.procs import RESULT_PREFIX, emit
+from cnn_features.procs import RESULT_PREFIX, die_with_parent, emit
 from cnn_features.storage import TMP_MARKER
 
 # Mel bins of the reference extractor's input (the demo corpus and the usual
@@ -185,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         help="build the seeded reference extractor at PATH if it does not exist",
     )
     args = parser.parse_args(argv)
+    die_with_parent()
     try:
         if args.create_reference:
             ensure_reference_model(args.path)

@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 from cnn_features import faults
-from cnn_features.procs import RESULT_PREFIX, child_env, emit, parse_line, python_module_cmd
+from cnn_features.procs import RESULT_PREFIX, child_env, die_with_parent, emit, parse_line, python_module_cmd
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +175,7 @@ def _tensorflow_gpu(report: dict[str, Any]) -> None:
 
 def probe_main() -> int:
     """Child entry point: print one result line and exit 0, whatever the GPU's state."""
+    die_with_parent()
     injected = faults.active()
     if "probe_hang" in injected:
         time.sleep(365 * 24 * 3600)

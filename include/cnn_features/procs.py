@@ -13,6 +13,10 @@ Device = Literal["gpu", "cpu"]
 RESULT_PREFIX = "CNN_FEATURES_RESULT "
 # Prefix of progress lines a shard worker prints while it runs.
 PROGRESS_PREFIX = "CNN_FEATURES_PROGRESS "
+# Environment variable naming the process that started a child.
+PARENT_PID_ENV = "CNN_FEATURES_PARENT_PID"
+# From <sys/prctl.h>: deliver a signal to this process when its parent dies.
+_PR_SET_PDEATHSIG = 1
 
 
 def child_env(device: Device) -> dict[str, str]:
@@ -22,6 +26,7 @@ def child_env(device: Device) -> dict[str, str]:
     can touch a GPU, however the libraries are built.
     """
     env = dict(os.environ)
+    env[PARENT_PID_ENV] = str(os.getpid())
     env["PYTHONUNBUFFERED"] = "1"
     # TensorFlow's C++ INFO/WARNING chatter (oneDNN notices, CPU flags) buries
     # the shard log; errors still show.
@@ -29,6 +34,26 @@ def child_env(device: Device) -> dict[str, str]:
     if device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = "-1"
     return env
+
+
+def die_with_parent() -> None:
+    """Make this child die (SIGKILL) when the process that started it dies.
+
+    A shard worker must not outlive its Airflow task: a killed or timed-out
+    task would otherwise leave an orphan writing features (and holding a GPU)
+    while Airflow retries the shard beside it. Linux only; a no-op elsewhere.
+    If the parent is already gone, exit at once.
+    """
+    expected = os.environ.get(PARENT_PID_ENV)
+    if not sys.platform.startswith("linux") or not expected:
+        return
+    import ctypes
+    import signal
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if str(os.getppid()) != expected:
+        os._exit(1)
 
 
 def python_module_cmd(module: str, *args: str) -> list[str]:

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from cnn_features.errors import ShardFailed
 from cnn_features.procs import (
@@ -72,14 +72,42 @@ def choose_device(requested: str, probe: dict[str, Any]) -> tuple[Device, str]:
     return "cpu", f"probe found no usable GPU ({probe.get('error')})"
 
 
+def _follow(
+    stream: IO[str], device: Device, shard_id: str, on_progress: ProgressCallback | None
+) -> tuple[dict[str, Any] | None, list[str]]:
+    """Relay a worker's output to the log until it closes; return its result line and last lines."""
+    result: dict[str, Any] | None = None
+    tail: list[str] = []
+    for raw in stream:
+        line = raw.rstrip("\n")
+        if (progress := parse_line(line, PROGRESS_PREFIX)) is not None:
+            log.info(
+                "shard %s [%s]: %d/%d files (%d extracted, %d already done, %d bad), %.1f files/s",
+                shard_id,
+                device.upper(),
+                progress["done"],
+                progress["total"],
+                progress["extracted"],
+                progress["skipped"],
+                progress["bad"],
+                progress["files_per_s"],
+            )
+            if on_progress is not None:
+                on_progress(progress)
+        elif (payload := parse_line(line, RESULT_PREFIX)) is not None:
+            result = payload
+        elif line.strip() and not _NOISE.match(line):
+            log.info("shard %s [%s worker] %s", shard_id, device.upper(), line)
+            tail = [*tail[-(_TAIL_LINES - 1) :], line]
+    return result, tail
+
+
 def _run_worker(
     spec_path: Path, device: Device, shard_id: str, on_progress: ProgressCallback | None
 ) -> Attempt:
     started = time.monotonic()
     cmd = python_module_cmd("cnn_features.worker", "--spec", str(spec_path), "--device", device)
     log.info("shard %s: starting %s worker: %s", shard_id, device.upper(), " ".join(cmd))
-    result: dict[str, Any] | None = None
-    tail: list[str] = []
     with subprocess.Popen(
         cmd,
         env=child_env(device),
@@ -90,27 +118,13 @@ def _run_worker(
         bufsize=1,
     ) as proc:
         assert proc.stdout is not None
-        for raw in proc.stdout:
-            line = raw.rstrip("\n")
-            if (progress := parse_line(line, PROGRESS_PREFIX)) is not None:
-                log.info(
-                    "shard %s [%s]: %d/%d files (%d extracted, %d already done, %d bad), %.1f files/s",
-                    shard_id,
-                    device.upper(),
-                    progress["done"],
-                    progress["total"],
-                    progress["extracted"],
-                    progress["skipped"],
-                    progress["bad"],
-                    progress["files_per_s"],
-                )
-                if on_progress is not None:
-                    on_progress(progress)
-            elif (payload := parse_line(line, RESULT_PREFIX)) is not None:
-                result = payload
-            elif line.strip() and not _NOISE.match(line):
-                log.info("shard %s [%s worker] %s", shard_id, device.upper(), line)
-                tail = [*tail[-(_TAIL_LINES - 1) :], line]
+        try:
+            result, tail = _follow(proc.stdout, device, shard_id, on_progress)
+        except BaseException:
+            # Airflow stopping the task (SIGTERM -> exception) must not leave
+            # the worker running: kill it before the context manager waits.
+            proc.kill()
+            raise
         returncode = proc.wait()
     elapsed = time.monotonic() - started
     if result is None:

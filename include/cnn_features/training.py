@@ -22,7 +22,7 @@ from cnn_features.config import Settings
 from cnn_features.datasets import get_dataset
 from cnn_features.errors import CnnFeaturesError, InvalidConf
 from cnn_features.plan import allowed_roots, checked_path
-from cnn_features.procs import RESULT_PREFIX, child_env, emit, parse_line, python_module_cmd
+from cnn_features.procs import RESULT_PREFIX, child_env, die_with_parent, emit, parse_line, python_module_cmd
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("manifest", type=Path)
     parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
     args = parser.parse_args(argv)
+    die_with_parent()
     try:
         metrics = train(args.manifest, epochs=args.epochs)
     except (CnnFeaturesError, OSError, ValueError, KeyError) as exc:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import resource
 import signal
 import sys
 import time
@@ -26,7 +27,7 @@ import numpy as np
 
 from cnn_features import faults
 from cnn_features.errors import InvalidSpectrogram
-from cnn_features.procs import PROGRESS_PREFIX, RESULT_PREFIX, emit
+from cnn_features.procs import PROGRESS_PREFIX, RESULT_PREFIX, die_with_parent, emit
 from cnn_features.spectrogram import check_header, load_spectrogram, read_header, resolve_inside
 from cnn_features.storage import check_feature_file, remove_stale_temps, save_npy_atomic
 
@@ -232,10 +233,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spec", type=Path, required=True, help="shard spec JSON")
     parser.add_argument("--device", choices=("gpu", "cpu"), required=True)
     args = parser.parse_args(argv)
+    die_with_parent()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     # Past a file-size limit (RLIMIT_FSIZE) the kernel would kill us with
     # SIGXFSZ; ignored, the write fails with EFBIG and is reported like a full disk.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    if (limit := faults.count_arg("fsize_limit")) is not None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
     spec = json.loads(args.spec.read_text(encoding="utf-8"))
 
     if args.device == "gpu":
