@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
 from pathlib import Path
@@ -26,16 +28,45 @@ def _commit(tmp: Path, final: Path) -> None:
         raise
 
 
+def _write_all(path: Path, data: bytes) -> None:
+    """Create ``path`` holding exactly ``data``, or raise OSError.
+
+    Checks every ``write`` and the final size: numpy's own writer hands the
+    data to C stdio, which can silently keep a short write (a file-size limit,
+    a full disk) and leave a truncated file that looks written.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            if written <= 0:
+                raise OSError(errno.EIO, f"write to {path} made no progress")
+            view = view[written:]
+        size = os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+    if size != len(data):
+        raise OSError(errno.EIO, f"{path}: {size} bytes on disk after writing {len(data)}")
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    """Serialise an array as ``.npy`` bytes, refusing object arrays."""
+    buffer = io.BytesIO()
+    np.lib.format.write_array(buffer, np.ascontiguousarray(array), allow_pickle=False)
+    return buffer.getvalue()
+
+
 def save_npy_atomic(final: Path, array: np.ndarray) -> None:
     """Write ``array`` to ``final`` through a temporary file and a rename.
 
     A crash at any point leaves either the previous file or the new one, never
     half of one; a failed write removes its temporary file.
     """
+    data = npy_bytes(array)
     tmp = temp_path(final)
     try:
-        with open(tmp, "wb") as fh:
-            np.lib.format.write_array(fh, np.ascontiguousarray(array), allow_pickle=False)
+        _write_all(tmp, data)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -43,15 +74,12 @@ def save_npy_atomic(final: Path, array: np.ndarray) -> None:
 
 
 def write_json_atomic(final: Path, payload: Any) -> None:
-    """Write ``payload`` as indented JSON to ``final`` atomically, fsynced."""
+    """Write ``payload`` as indented JSON to ``final`` atomically."""
     final.parent.mkdir(parents=True, exist_ok=True)
+    data = (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode("utf-8")
     tmp = temp_path(final)
     try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(payload, fh, indent=2, sort_keys=True)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        _write_all(tmp, data)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

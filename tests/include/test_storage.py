@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,19 +22,40 @@ def test_save_npy_atomic_leaves_only_the_final_file(tmp_path: Path) -> None:
 
 
 def test_failed_write_keeps_old_file_and_removes_temp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A write that dies half-way leaves the previous file intact and no temporary behind."""
+    """A write that dies half-way (disk full) leaves the previous file intact and no temporary behind."""
     final = tmp_path / "f.npy"
     storage.save_npy_atomic(final, np.ones(4, dtype=np.float32))
+    real_write = os.write
 
-    def explode(fh, array, allow_pickle):  # noqa: ANN001 - stand-in for np's writer
-        fh.write(b"\x93NUMPY partial")
+    def half_then_full(fd: int, data: bytes) -> int:
+        if len(data) > 16:
+            return real_write(fd, bytes(data)[: len(data) // 2])
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(np.lib.format, "write_array", explode)
+    monkeypatch.setattr(os, "write", half_then_full)
     with pytest.raises(OSError, match="No space left"):
         storage.save_npy_atomic(final, np.zeros(4, dtype=np.float32))
+    monkeypatch.undo()
     np.testing.assert_array_equal(np.load(final), np.ones(4, dtype=np.float32))
     assert os.listdir(tmp_path) == ["f.npy"]
+
+
+def test_file_size_limit_is_an_error_not_a_truncated_file(tmp_path: Path) -> None:
+    """Under RLIMIT_FSIZE the save raises EFBIG and leaves no file; C stdio would truncate silently."""
+    script = (
+        "import resource, signal, sys, numpy as np\n"
+        "from pathlib import Path\n"
+        "from cnn_features.storage import save_npy_atomic\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (512, 512))\n"
+        "try:\n"
+        "    save_npy_atomic(Path(sys.argv[1]), np.ones(256, np.float32))\n"
+        "except OSError as exc:\n"
+        "    print('errno', exc.errno)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "f.npy")], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "errno 27"
+    assert os.listdir(tmp_path) == []
 
 
 def test_write_json_atomic_creates_parents(tmp_path: Path) -> None:
