@@ -14,7 +14,7 @@ if [ ! -f "$stamp" ]; then
         -r requirements.txt -c constraints.txt 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
     .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e . \
         2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
-    TF_CPP_MIN_LOG_LEVEL=2 .venv/bin/python -c "import airflow, tensorflow, keras, numpy, boto3, pytest, cnn_features" 
+    TF_CPP_MIN_LOG_LEVEL=2 .venv/bin/python -c "import airflow, tensorflow, keras, numpy, boto3, psycopg2, asyncpg, matplotlib, pytest, cnn_features" 
     rm -f .venv/.installed-*
     touch "$stamp"
 fi
