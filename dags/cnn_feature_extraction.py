@@ -13,7 +13,9 @@ into one 256-d CNN feature vector per clip, then triggers `emotion_training`.
    (or `device=gpu`), re-run on CPU with CUDA hidden if the GPU worker fails.
    Existing valid features are skipped, every file is written atomically.
 4. **verify_features** checks every feature and writes
-   `verification_report.json` and `manifest.json` into each output folder.
+   `verification_report.json` and `manifest.json` into each output folder, and
+   two plots (PCA of the features by emotion, throughput per shard) that the
+   *CNN feature progress* page links.
 5. **trigger_training** starts `emotion_training` on the verified manifests.
 
 **Re-running failed shards:** clear the failed `extract_shard` instance (grid:
@@ -135,15 +137,22 @@ def cnn_feature_extraction() -> None:
 
     @task(retries=0, multiple_outputs=True)
     def verify_features(shards: list[dict[str, Any]], results: list[dict[str, Any]]) -> dict[str, Any]:
-        """Check every feature file; write reports and manifests; fail listing every problem."""
+        """Check every feature file; write reports, manifests and plots; fail listing every problem."""
         from cnn_features.errors import VerificationFailed
+        from cnn_features.plots import write_run_plots
+        from cnn_features.progress import run_folder
+        from cnn_features.progress_report import PLOTS_DIR
         from cnn_features.verify import verify_run
 
-        fraction = float(get_current_context()["params"]["max_bad_fraction"])
+        context = get_current_context()
+        fraction = float(context["params"]["max_bad_fraction"])
+        results = list(results)
         try:
-            return verify_run(shards, list(results), max_bad_fraction=fraction)
+            return verify_run(shards, results, max_bad_fraction=fraction)
         except VerificationFailed as exc:
             raise AirflowFailException(str(exc)) from None
+        finally:
+            write_run_plots(run_folder(SETTINGS.progress_root, context["run_id"]) / PLOTS_DIR, shards, results)
 
     probe = probe_gpu()
     shards = plan_shards()
