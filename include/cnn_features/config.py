@@ -12,14 +12,22 @@ _REPO_ROOT = Path(__file__).resolve().parents[2]
 # Seconds a GPU probe may take: TensorFlow import plus CUDA context creation is
 # a few seconds on a healthy machine; a wedged driver hangs forever.
 DEFAULT_PROBE_TIMEOUT_S = 120.0
-# Files per shard: large enough to amortise one process start and model load
-# (a few seconds), small enough that a failed shard is cheap to re-run.
-DEFAULT_SHARD_SIZE = 500
+# Files per shard. Each shard pays one worker start (~2.5 s: TensorFlow
+# import, model load), so a shard should hold far more work than that:
+# 10,000 makes each demo dataset (1,440 and 7,442 files) one shard. At 500 the
+# full corpus took 18 shards and 45 s of start-up on top of ~30 s of compute.
+# A failed shard stays cheap: its re-run skips every feature already written.
+DEFAULT_SHARD_SIZE = 10_000
 # Inputs per forward pass; equal-shape groups are split into batches of this size.
 DEFAULT_BATCH_SIZE = 32
-# Shards of one run that execute at once. Each shard process uses every core
-# (or the GPU), so running more than one only adds contention.
+# Shards of one run that execute at once. Each shard process runs one forward
+# pass per core (or uses the GPU) and keeps the cores ~90 % busy, so a second
+# one only adds contention and memory (docs/benchmarks.md).
 DEFAULT_SHARD_CONCURRENCY = 1
+# Forward passes a CPU shard worker runs side by side, one single-threaded pass
+# per core; 0 means one per core this process may run on. Measured on 2 cores:
+# 2 passes x 1 thread beat 1 pass x 2 threads by about 10 % (docs/benchmarks.md).
+DEFAULT_CPU_THREADS = 0
 
 
 class SettingsError(ValueError):
@@ -70,6 +78,7 @@ class Settings:
     shard_size: int
     batch_size: int
     shard_concurrency: int
+    cpu_threads: int = DEFAULT_CPU_THREADS
 
     @property
     def demo_input_root(self) -> Path:
@@ -116,4 +125,5 @@ def load_settings() -> Settings:
         shard_concurrency=_env_int(
             "CNN_FEATURES_SHARD_CONCURRENCY", DEFAULT_SHARD_CONCURRENCY, minimum=1
         ),
+        cpu_threads=_env_int("CNN_FEATURES_CPU_THREADS", DEFAULT_CPU_THREADS, minimum=0),
     )

@@ -10,15 +10,18 @@ output could not be written.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
+import queue
 import resource
 import signal
 import sys
+import threading
 import time
-from collections import deque
-from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from cnn_features import faults
+from cnn_features.config import load_settings
 from cnn_features.errors import InvalidSpectrogram
 from cnn_features.procs import PROGRESS_PREFIX, RESULT_PREFIX, die_with_parent, emit
 from cnn_features.spectrogram import check_header, load_spectrogram, read_header, resolve_inside
@@ -37,8 +41,16 @@ EXIT_OK = 0
 EXIT_GPU_INIT = 3
 EXIT_MODEL = 4
 EXIT_OUTPUT = 5
-# Files read ahead of the one being inferred, so disk and decode overlap compute.
-PREFETCH = 64
+# Spectrogram frames in one CPU forward pass (batch x frames): 4 clips of 256
+# frames. Larger passes spill the first conv block's activations out of the
+# cache: 4 x 256 frames ran at ~400 files/s, 16 x 256 at ~355 (2 cores,
+# docs/benchmarks.md). A clip longer than this runs alone.
+CPU_PASS_FRAMES = 1024
+# Passes queued per inference thread: enough that a thread never waits for
+# the next one, few enough that memory stays flat however big the shard.
+PREFETCH_PASSES = 3
+# Seconds to wait for a thread to finish after the shard ended or failed.
+_JOIN_TIMEOUT_S = 30.0
 # Seconds between progress lines: often enough to watch, rare enough to read.
 PROGRESS_EVERY_S = 2.0
 
@@ -135,52 +147,9 @@ def _pending(spec: dict[str, Any], info: dict[str, Any], tally: Tally) -> list[t
     return todo
 
 
-def _loaded(
-    spec: dict[str, Any], info: dict[str, Any], todo: list[tuple[tuple[int, int], str]], pool: ThreadPoolExecutor
-) -> Iterator[tuple[str, np.ndarray | InvalidSpectrogram]]:
-    """Yield (relpath, array or the reason it failed), reading ahead on ``pool``."""
-    input_root = Path(spec["input"])
-
-    def load(rel: str) -> np.ndarray | InvalidSpectrogram:
-        try:
-            return load_spectrogram(
-                input_root / rel,
-                relpath=rel,
-                n_mels=info["n_mels"],
-                min_frames=info["min_frames"],
-                frames=info["frames"],
-            )
-        except InvalidSpectrogram as exc:
-            return exc
-
-    queue: deque[tuple[str, Future[np.ndarray | InvalidSpectrogram]]] = deque()
-    items = iter(todo)
-    for _, rel in items:
-        queue.append((rel, pool.submit(load, rel)))
-        if len(queue) >= PREFETCH:
-            break
-    while queue:
-        rel, future = queue.popleft()
-        nxt = next(items, None)
-        if nxt is not None:
-            queue.append((nxt[1], pool.submit(load, nxt[1])))
-        yield rel, future.result()
-
-
-def extract(spec: dict[str, Any], device: str) -> dict[str, Any]:
-    """Extract every pending file of the shard; return the shard's result."""
-    from cnn_features.model import ModelInfo, load_feature_model, predict
-
-    info = spec["model"]
-    model, _ = load_feature_model(Path(info["path"]))
-    model_info = ModelInfo(**info)
+def _prepare_outputs(spec: dict[str, Any]) -> None:
+    """Create the shard's output folders and remove temporaries its killed writers left."""
     output_root = Path(spec["output"])
-    batch_size = int(spec["batch_size"])
-    die_after = faults.count_arg("die_after")
-    if device == "gpu" and die_after is None:
-        die_after = faults.count_arg("gpu_die_after")
-
-    tally = Tally(total=len(spec["files"]))
     by_folder: dict[Path, set[str]] = {}
     for rel in spec["files"]:
         out = output_root / rel
@@ -189,30 +158,186 @@ def extract(spec: dict[str, Any], device: str) -> dict[str, Any]:
         folder.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(folder, names)
 
-    todo = _pending(spec, info, tally)
+
+def pass_size(frames: int, *, batch_size: int, device: str) -> int:
+    """Return how many equal-shape inputs of ``frames`` frames go through the model at once.
+
+    ``batch_size`` is the upper bound. On CPU a pass also stays within
+    ``CPU_PASS_FRAMES`` frames, so its activations stay in cache.
+    """
+    if device != "cpu":
+        return batch_size
+    return max(1, min(batch_size, CPU_PASS_FRAMES // max(frames, 1)))
+
+
+def cpu_streams(configured: int) -> int:
+    """Return how many passes a CPU worker runs at once: ``configured``, or one per usable core."""
+    return configured if configured > 0 else len(os.sched_getaffinity(0))
+
+
+@dataclass(frozen=True)
+class Pass:
+    """Equal-shape spectrograms that go through the model together, stacked."""
+
+    rels: list[str]
+    batch: np.ndarray
+
+
+def _passes(
+    spec: dict[str, Any], info: dict[str, Any], todo: list[tuple[tuple[int, int], str]], *, size: Callable[[int], int]
+) -> Iterator[Pass | tuple[str, InvalidSpectrogram]]:
+    """Load ``todo`` in order; yield passes of equal shapes, and (relpath, reason) for files that fail."""
+    input_root = Path(spec["input"])
+    rels: list[str] = []
+    arrays: list[np.ndarray] = []
+    for _, rel in todo:
+        try:
+            array = load_spectrogram(
+                input_root / rel,
+                relpath=rel,
+                n_mels=info["n_mels"],
+                min_frames=info["min_frames"],
+                frames=info["frames"],
+            )
+        except InvalidSpectrogram as exc:
+            yield rel, exc
+            continue
+        if arrays and (arrays[0].shape != array.shape or len(arrays) >= size(array.shape[1])):
+            yield Pass(rels, np.stack(arrays))
+            rels, arrays = [], []
+        rels.append(rel)
+        arrays.append(array)
+    if arrays:
+        yield Pass(rels, np.stack(arrays))
+
+
+def _infer_loop(
+    predictor: Callable[[np.ndarray], np.ndarray],
+    passes: queue.SimpleQueue[Pass | None],
+    results: queue.SimpleQueue[tuple[Any, ...]],
+    stop: threading.Event,
+) -> None:
+    """Run passes through the model until handed None; put each pass's features (or its error) on ``results``."""
+    while (item := passes.get()) is not None:
+        if stop.is_set():
+            continue
+        try:
+            features = predictor(item.batch)
+        except Exception as exc:  # noqa: BLE001 - handed to the main thread, which re-raises it
+            results.put(("error", exc))
+            return
+        results.put(("done", item.rels, features))
+
+
+def _results(
+    source: Iterator[Pass | tuple[str, InvalidSpectrogram]],
+    predictor: Callable[[np.ndarray], np.ndarray],
+    *,
+    streams: int,
+) -> Iterator[tuple[Any, ...]]:
+    """Yield ("bad", rel, reason) and ("done", rels, features) while ``streams`` threads run the passes.
+
+    The calling thread does all file I/O: it loads passes from ``source``
+    (keeping ``PREFETCH_PASSES`` per thread queued) and writes what this
+    yields. File I/O on a second Python thread would fight it for the GIL at
+    every system call: measured, that made each feature write cost 275 us of
+    CPU instead of 29 us. The inference threads hold the GIL only between
+    passes. Re-raises whatever a pass raised; stops the threads however the
+    caller leaves.
+    """
+    passes: queue.SimpleQueue[Pass | None] = queue.SimpleQueue()
+    results: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+    stop = threading.Event()
+    threads = [
+        threading.Thread(target=_infer_loop, args=(predictor, passes, results, stop), name=f"infer-{i}", daemon=True)
+        for i in range(streams)
+    ]
+    for thread in threads:
+        thread.start()
+    in_flight = 0
+    exhausted = False
+    try:
+        while True:
+            while not exhausted and in_flight < PREFETCH_PASSES * streams:
+                item = next(source, None)
+                if item is None:
+                    exhausted = True
+                elif isinstance(item, Pass):
+                    passes.put(item)
+                    in_flight += 1
+                else:
+                    yield ("bad", *item)
+            if in_flight == 0:
+                return
+            done = results.get()
+            in_flight -= 1
+            if done[0] == "error":
+                raise done[1]
+            yield done
+    finally:
+        stop.set()
+        for _ in threads:
+            passes.put(None)
+        for thread in threads:
+            thread.join(timeout=_JOIN_TIMEOUT_S)
+
+
+def _load_predictor(info: dict[str, Any], device: str, streams: int) -> Callable[[np.ndarray], np.ndarray]:
+    """Import the model code, set up threads, load, fold and trace the model; return its predictor."""
+    from cnn_features.model import ModelInfo, configure_cpu_threads, inference_model, load_feature_model, make_predictor
+
+    if device == "cpu":
+        configure_cpu_threads(streams=streams)
+    model, _ = load_feature_model(Path(info["path"]))
+    model_info = ModelInfo(**info)
+    return make_predictor(inference_model(model, model_info), model_info)
+
+
+def extract(spec: dict[str, Any], device: str) -> dict[str, Any]:
+    """Extract every pending file of the shard; return the shard's result.
+
+    The shard's files are checked (headers, existing outputs) on a thread while
+    TensorFlow loads; then one thread loads files and ``streams`` threads run
+    forward passes, while this thread writes each feature atomically.
+    """
+    info = spec["model"]
+    output_root = Path(spec["output"])
+    batch_size = int(spec["batch_size"])
+    streams = cpu_streams(load_settings().cpu_threads) if device == "cpu" else 1
+    die_after = faults.count_arg("die_after")
+    if device == "gpu" and die_after is None:
+        die_after = faults.count_arg("gpu_die_after")
+    pause_s = float(faults.active().get("slow") or 0.0)
+
+    tally = Tally(total=len(spec["files"]))
+    _prepare_outputs(spec)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="scan") as scan:
+        scanned = scan.submit(_pending, spec, info, tally)
+        predictor = _load_predictor(info, device, streams)
+        todo = scanned.result()
+    log.info("shard %s: %d files to extract on %s, %d pass(es) at once", spec["shard_id"], len(todo), device.upper(), streams)
+    tally.started = time.monotonic()
     tally.progress(device, force=True)
-    batch: list[tuple[str, np.ndarray]] = []
 
-    def flush() -> None:
-        features = predict(model, np.stack([a for _, a in batch]), model_info)
-        for (rel, _), vector in zip(batch, features, strict=True):
-            save_npy_atomic(output_root / rel, vector)
-            tally.extracted += 1
-            if die_after is not None and tally.extracted >= die_after:
-                faults.kill_self()
-        batch.clear()
-        tally.progress(device)
+    def size(frames: int) -> int:
+        return pass_size(frames, batch_size=batch_size, device=device)
 
-    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="load") as pool:
-        for rel, loaded in _loaded(spec, info, todo, pool):
-            if isinstance(loaded, InvalidSpectrogram):
-                tally.bad.append({"file": rel, "reason": str(loaded)})
+    source = _passes(spec, info, todo, size=size)
+    with contextlib.closing(_results(source, predictor, streams=streams)) as items:
+        for kind, *payload in items:
+            if kind == "bad":
+                rel, reason = payload
+                tally.bad.append({"file": rel, "reason": str(reason)})
                 continue
-            if batch and (batch[0][1].shape != loaded.shape or len(batch) >= batch_size):
-                flush()
-            batch.append((rel, loaded))
-        if batch:
-            flush()
+            rels, features = payload
+            for rel, vector in zip(rels, features, strict=True):
+                save_npy_atomic(output_root / rel, vector)
+                tally.extracted += 1
+                if die_after is not None and tally.extracted >= die_after:
+                    faults.kill_self()
+            if pause_s:
+                time.sleep(pause_s)
+            tally.progress(device)
     tally.progress(device, force=True)
     elapsed = time.monotonic() - tally.started
     return {
@@ -266,4 +391,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip interpreter teardown: with TensorFlow loaded it takes about 0.5 s,
+    # and every feature is already renamed into place, every line flushed.
+    os._exit(code)

@@ -1,0 +1,131 @@
+"""The shard worker's fast path: folded model, traced predictor, passes on parallel threads."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "-1")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from cnn_features.errors import InvalidSpectrogram  # noqa: E402
+from cnn_features.model import inference_model, load_feature_model, make_predictor, predict  # noqa: E402
+from cnn_features.plan import DatasetIO, plan_dataset  # noqa: E402
+from cnn_features.runner import run_shard  # noqa: E402
+from cnn_features.worker import CPU_PASS_FRAMES, Pass, _results, cpu_streams, pass_size  # noqa: E402
+from tests.conftest import make_ravdess, tiny_spectrogram  # noqa: E402
+
+NO_GPU = {"usable": False, "error": "no GPU in tests"}
+
+
+@pytest.fixture(scope="module")
+def loaded(reference_model: dict[str, Any]) -> tuple[keras.Model, Any]:
+    return load_feature_model(Path(reference_model["path"]))
+
+
+def test_reference_batch_norms_are_folded_away(loaded: tuple[keras.Model, Any]) -> None:
+    """The inference copy of the reference CNN has no BatchNormalization and convs with a bias."""
+    model, info = loaded
+    fast = inference_model(model, info)
+    assert not [layer for layer in fast.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert all(layer.use_bias for layer in fast.layers if isinstance(layer, keras.layers.Conv2D))
+    assert any(isinstance(layer, keras.layers.BatchNormalization) for layer in model.layers), "the original is untouched"
+
+
+def test_fast_path_matches_one_file_at_a_time(loaded: tuple[keras.Model, Any]) -> None:
+    """Batched passes of the folded, traced model stay within 1e-5 of the plain model run one file at a time."""
+    model, info = loaded
+    run = make_predictor(inference_model(model, info), info)
+    for frames in (16, 37, 64):
+        batch = np.stack([tiny_spectrogram(seed, frames) for seed in range(6)])
+        alone = np.concatenate([predict(model, batch[i : i + 1], info) for i in range(len(batch))])
+        together = run(batch)
+        assert together.shape == (6, 256) and together.dtype == np.float32
+        np.testing.assert_allclose(together, alone, rtol=0, atol=1e-5)
+
+
+def test_unfoldable_models_are_left_as_they_are(tmp_path: Path) -> None:
+    """A BN after a conv whose output also feeds another layer is not folded; a model without BN is returned as is."""
+    inputs = keras.Input(shape=(128, None, 1))
+    conv = keras.layers.Conv2D(4, 3, padding="same")(inputs)
+    normed = keras.layers.BatchNormalization()(conv)
+    merged = keras.layers.Add()([conv, normed])
+    path = tmp_path / "branch.keras"
+    keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(merged)).save(path)
+    model, info = load_feature_model(path)
+    assert inference_model(model, info) is model
+
+    plain = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(conv))
+    plain.save(tmp_path / "plain.keras")
+    model, info = load_feature_model(tmp_path / "plain.keras")
+    assert inference_model(model, info) is model
+
+
+def test_folding_a_dense_model_with_trained_statistics(tmp_path: Path) -> None:
+    """Non-trivial BN statistics fold into a Dense layer and give the same features."""
+    inputs = keras.Input(shape=(128, 20))
+    x = keras.layers.Dense(8)(keras.layers.GlobalAveragePooling1D()(inputs))
+    bn = keras.layers.BatchNormalization()
+    outputs = bn(x)
+    rng = np.random.default_rng(3)
+    bn.set_weights([rng.uniform(0.5, 2, 8), rng.normal(size=8), rng.normal(size=8), rng.uniform(0.5, 3, 8)])
+    path = tmp_path / "dense.keras"
+    keras.Model(inputs, outputs).save(path)
+    model, info = load_feature_model(path)
+    fast = inference_model(model, info)
+    assert fast is not model
+    x = rng.standard_normal((3, 128, 20)).astype(np.float32)
+    np.testing.assert_allclose(make_predictor(fast, info)(x), predict(model, x, info), rtol=1e-5, atol=1e-5)
+
+
+def test_pass_size_bounds_cpu_passes_by_frames() -> None:
+    """On CPU a pass holds about CPU_PASS_FRAMES frames (at least one clip); on GPU the batch size rules."""
+    assert pass_size(256, batch_size=32, device="cpu") == CPU_PASS_FRAMES // 256
+    assert pass_size(5000, batch_size=32, device="cpu") == 1
+    assert pass_size(16, batch_size=8, device="cpu") == 8
+    assert pass_size(256, batch_size=32, device="gpu") == 32
+    assert cpu_streams(3) == 3 and cpu_streams(0) == len(os.sched_getaffinity(0))
+
+
+def test_results_run_every_pass_and_report_bad_files() -> None:
+    """Every pass comes back with its own features, bad files are passed through, on several threads."""
+    passes = [Pass([f"f{i}a", f"f{i}b"], np.full((2, 3, 4), i, dtype=np.float32)) for i in range(20)]
+    source = [*passes[:5], ("bad.npy", InvalidSpectrogram("bad.npy: truncated")), *passes[5:]]
+    got = list(_results(iter(source), lambda b: b.reshape(len(b), -1)[:, :1] * 2, streams=3))
+    bad = [item for item in got if item[0] == "bad"]
+    done = {rel: float(feat[0]) for kind, rels, feats in (i for i in got if i[0] == "done") for rel, feat in zip(rels, feats)}
+    assert [(b[1], str(b[2])) for b in bad] == [("bad.npy", "bad.npy: truncated")]
+    assert done == {f"f{i}{s}": 2.0 * i for i in range(20) for s in "ab"}
+
+
+def test_a_failing_pass_is_raised_in_the_caller() -> None:
+    """An exception in an inference thread surfaces in the thread that writes, and the threads stop."""
+    passes = (Pass([str(i)], np.zeros((1, 2))) for i in range(100))
+
+    def broken(batch: np.ndarray) -> np.ndarray:
+        raise ValueError("shape the model cannot take")
+
+    with pytest.raises(ValueError, match="cannot take"):
+        list(_results(passes, broken, streams=2))
+
+
+def test_one_thread_and_many_threads_write_the_same_features(
+    tmp_path: Path, reference_model: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shard run with CNN_FEATURES_CPU_THREADS=1 and one with 3 threads give the same features within 1e-5."""
+    make_ravdess(tmp_path / "in", actors=3, emotions=4)
+    features = {}
+    for threads in ("1", "3"):
+        monkeypatch.setenv("CNN_FEATURES_CPU_THREADS", threads)
+        out = tmp_path / f"out{threads}"
+        (shard,) = plan_dataset(DatasetIO("ravdess", tmp_path / "in", out), shard_size=100)
+        result = run_shard({**shard, "model": reference_model, "batch_size": 4}, requested_device="cpu", probe=NO_GPU)
+        assert result["extracted"] == 12
+        features[threads] = {p.relative_to(out).as_posix(): np.load(p) for p in sorted(out.rglob("*.npy"))}
+    assert features["1"].keys() == features["3"].keys() and len(features["1"]) == 12
+    for rel, vector in features["1"].items():
+        np.testing.assert_allclose(features["3"][rel], vector, rtol=0, atol=1e-5)
