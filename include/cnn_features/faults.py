@@ -12,6 +12,8 @@ production.
                           mid-shard) can be driven on a machine without a GPU
 ``gpu_die_after=N``       the GPU worker SIGKILLs itself after writing N files
 ``die_after=N``           any worker SIGKILLs itself after writing N files
+``slow=SECONDS``          any worker sleeps SECONDS after each batch it writes,
+                          so a run stays in progress long enough to watch it
 ``fsize_limit=BYTES``     any worker runs under RLIMIT_FSIZE=BYTES, so writing
                           a feature file fails as on a full disk
 ``probe_hang``            the GPU probe child never returns
