@@ -157,6 +157,8 @@ def plot_throughput(results: list[dict[str, Any]], path: Path) -> Path:
         handles=[Patch(color=c, label=d.upper()) for d, c in DEVICE_COLOURS.items()]
         + [Patch(facecolor="white", edgecolor="black", hatch="//", label="CPU after GPU failure")],
         fontsize="small",
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
     )
     return _save(fig, path)
 
