@@ -391,12 +391,16 @@ def measure_stage(settings: Settings, model: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def airflow_env(root: Path, home: Path) -> dict[str, str]:
-    """Return the environment scripts/airflow-env.sh sets, with its own Airflow home and ``home`` as data."""
+def airflow_env(airflow_home: Path, home: Path) -> dict[str, str]:
+    """Return the environment scripts/airflow-env.sh sets, with its own Airflow home and ``home`` as data.
+
+    Each corpus gets its own Airflow home: the DAG's asset URI follows
+    CNN_FEATURES_HOME, and one metadata DB refuses a second URI for its name.
+    """
     env = child_env("cpu")
     env.update(
         {
-            "AIRFLOW_HOME": str(root / "airflow"),
+            "AIRFLOW_HOME": str(airflow_home),
             "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
             "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
@@ -427,12 +431,17 @@ def airflow_cli(args: list[str], *, env: dict[str, str], log: Path) -> float:
     return elapsed
 
 
-def measure_dag(root: Path, settings: Settings) -> dict[str, Any]:
+def prepare_airflow(airflow_home: Path, home: Path) -> None:
+    """Create and migrate an Airflow home (SQLite metadata DB) for one corpus's DAG runs."""
+    airflow_home.mkdir(parents=True, exist_ok=True)
+    airflow_cli(["db", "migrate"], env=airflow_env(airflow_home, home), log=airflow_home / "bench.log")
+
+
+def measure_dag(airflow_home: Path, settings: Settings) -> dict[str, Any]:
     """Run the whole extraction DAG with ``airflow dags test`` on fresh outputs; return wall time and task times."""
     clear_outputs(settings)
-    env = airflow_env(root, settings.home)
-    log = root / "airflow" / "bench.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
+    env = airflow_env(airflow_home, settings.home)
+    log = airflow_home / "bench.log"
     offset = log.stat().st_size if log.exists() else 0
     conf = {"datasets": settings.default_datasets(), "device": "auto"}
     wall = airflow_cli(["dags", "test", "cnn_feature_extraction", "-c", json.dumps(conf)], env=env, log=log)
@@ -509,7 +518,7 @@ def measure_rss(home: Path, settings: Settings, model: dict[str, Any], *, scale:
 
 def measure_parse(root: Path, *, repeats: int) -> dict[str, Any]:
     """Parse the DAG files in ``repeats`` fresh processes; return the median total and per-file seconds."""
-    env = airflow_env(root, root / "parse-home")
+    env = airflow_env(root / "airflow" / "parse", root / "parse-home")
     runs = [run_child(["_parse", "--dags", str(REPO / "dags")], env=env) for _ in range(repeats)]
     totals = [sum(r["seconds"].values()) for r in runs]
     names = runs[0]["seconds"].keys()
@@ -580,13 +589,17 @@ def bench_corpus(name: str, home: Path, root: Path, args: argparse.Namespace, sh
     gflop_per_probe = flops[str(probe_frames)] / 1e9
 
     stages, dags = [], []
+    airflow_home = root / "airflow" / name
+    if not args.skip_dag:
+        log(f"[{name}] Airflow metadata DB (SQLite) in {airflow_home}")
+        prepare_airflow(airflow_home, home)
     for run in range(args.runs):
         log(f"[{name}] extraction stage, run {run + 1}/{args.runs}")
         stages.append(measure_stage(settings, model))
         shared["limit_samples"].append(measure_limit(threads=streams, n=args.matmul_n, repeats=args.repeats)["gflops"])
         if not args.skip_dag:
             log(f"[{name}] whole DAG (airflow dags test), run {run + 1}/{args.runs}")
-            dags.append(measure_dag(root, settings))
+            dags.append(measure_dag(airflow_home, settings))
     every_file = sorted(str(p) for d in DATASETS for p in (home / "demo" / d).rglob("*.npy"))
     sample_files = every_file[:: max(1, n_files // args.naive_files)][: args.naive_files]
     log(f"[{name}] naive baseline on {len(sample_files)} files")
@@ -732,32 +745,29 @@ def main_bench(args: argparse.Namespace) -> int:
     shared["blas"] = first["blas"]
     if info["openblas_pins_in_environment"]:
         shared["limit_with_inherited_pins"] = measure_limit(threads=streams, n=args.matmul_n, repeats=args.repeats, inherit_pins=True)
-    if not args.skip_dag:
-        (root / "airflow").mkdir(parents=True, exist_ok=True)
-        log("Airflow metadata DB (SQLite) for the DAG runs")
-        airflow_cli(["db", "migrate"], env=airflow_env(root, root / "parse-home"), log=root / "airflow" / "bench.log")
+    (root / "airflow" / "parse").mkdir(parents=True, exist_ok=True)
     shared["parse"] = measure_parse(root, repeats=args.repeats)
 
     results: dict[str, dict[str, Any]] = {}
+    out = args.json or root / "results.json"
     for name in chosen:
         home = root / (f"{name}-{corpora[name]}" if corpora[name] else name)
         log(f"[{name}] corpus under {home / 'demo'}")
         ensure_corpus(home, counts=counts, frames=corpora[name])
         results[name] = bench_corpus(name, home, root, args, shared)
-    for result in results.values():
-        finish(result, shared)
-    shared["load_after"] = os.getloadavg()
-    report = {
-        "when": datetime.now().astimezone().isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "seconds": time.perf_counter() - started,
-        "machine": info,
-        "settings": dataclasses.asdict(load_settings()) | {"streams": streams},
-        "shared": shared,
-        "corpora": results,
-    }
-    out = args.json or root / "results.json"
-    write_json_atomic(out, json.loads(json.dumps(report, default=str)))
+        for result in results.values():
+            finish(result, shared)
+        shared["load_after"] = os.getloadavg()
+        report = {
+            "when": datetime.now().astimezone().isoformat(timespec="seconds"),
+            "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "seconds": time.perf_counter() - started,
+            "machine": info,
+            "settings": dataclasses.asdict(load_settings()) | {"streams": streams},
+            "shared": shared,
+            "corpora": results,
+        }
+        write_json_atomic(out, json.loads(json.dumps(report, default=str)))  # after each corpus
     print(table(results, shared))
     print(f"\nBLAS: {shared['blas']}; load average before {shared['load_before']}, after {shared['load_after']}")
     print(f"JSON: {out}")
