@@ -38,6 +38,13 @@ else
     exit 0
 fi
 echo "system-deps: installing ${missing[*]}" >&2
-export DEBIAN_FRONTEND=noninteractive
-"${as_root[@]}" apt-get update -qq
-"${as_root[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+# Installing postgresql would start its default cluster (port 5432) and leave
+# it running; the tests start their own. Forbid service starts during the
+# install, unless the machine already has a policy (Docker images do).
+policy=/usr/sbin/policy-rc.d
+if [ ! -e "$policy" ]; then
+    "${as_root[@]}" sh -c "printf '#!/bin/sh\nexit 101\n' > $policy && chmod 755 $policy"
+    trap '"${as_root[@]}" rm -f "$policy"' EXIT
+fi
+"${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+"${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

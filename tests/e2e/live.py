@@ -1,0 +1,406 @@
+"""A live Airflow for end-to-end tests: PostgreSQL + the four Airflow services, a REST client, headless Chromium.
+
+Fixtures in ``tests/e2e/conftest.py`` build on these. Services start with
+``scripts/airflow_local.py`` (the same code as ``bash scripts/airflow.sh``),
+listen on 127.0.0.1 only, run in their own process groups and die with the
+test session.
+
+Reuse, e.g. for a test that kills a task mid-shard::
+
+    def test_x(live_airflow: LiveAirflow) -> None:
+        run_id = live_airflow.trigger(live_airflow.conf("x", shard_size=60))
+        live_airflow.wait_for_progress(run_id, lambda run: any(s.state == "running" for s in run.shards))
+        ...                                    # find and kill the worker, e.g. via psutil
+        live_airflow.api.wait_run(DAG_ID, run_id, {"success"})
+        live_airflow.stack.restart("scheduler")  # or .stop(...) / .start(...) each service
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, UTC
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "scripts"))
+from airflow_local import AirflowStack, LocalPostgres, ServiceError, free_port, wait_for  # noqa: E402
+
+from cnn_features.progress import run_folder  # noqa: E402
+from cnn_features.progress_report import RunProgress, load_run  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+__all__ = ["REPO", "AirflowApi", "Chromium", "LiveAirflow", "ServiceError", "free_port", "wait_for"]
+
+DAG_ID = "cnn_feature_extraction"
+TRAINING_DAG_ID = "emotion_training"
+# Run states after which nothing more happens to a run.
+FINISHED = frozenset({"success", "failed"})
+# Seconds to wait for a whole extraction run on a busy 2-core machine (other
+# engineers' CPU-heavy work runs beside the tests).
+RUN_TIMEOUT_S = 600.0
+# Seconds between polls of the REST API, as the grid view refreshes.
+POLL_S = 2.0
+
+
+class ApiError(RuntimeError):
+    """The REST API answered with an error status."""
+
+
+@dataclass
+class AirflowApi:
+    """A client of Airflow's REST API v2 with a token from ``POST /auth/token``."""
+
+    base_url: str
+    username: str
+    password: str
+    _token: str | None = field(default=None, repr=False)
+    _client: httpx.Client = field(default_factory=lambda: httpx.Client(timeout=60.0), repr=False)
+
+    def token(self, *, refresh: bool = False) -> str:
+        """Return a JWT for the user, logging in on first use (or when asked to refresh)."""
+        if self._token is None or refresh:
+            resp = self._client.post(f"{self.base_url}/auth/token", json={"username": self.username, "password": self.password})
+            if resp.status_code not in (200, 201):
+                msg = f"POST /auth/token: {resp.status_code} {resp.text[:500]}"
+                raise ApiError(msg)
+            self._token = str(resp.json()["access_token"])
+        return self._token
+
+    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """Send a request with the bearer token; log in again once if it expired."""
+        for attempt in range(2):
+            headers = {"Authorization": f"Bearer {self.token(refresh=attempt > 0)}", **kwargs.pop("headers", {})}
+            resp = self._client.request(method, f"{self.base_url}{path}", headers=headers, **kwargs)
+            if resp.status_code != 401:
+                return resp
+        return resp
+
+    def call(self, method: str, path: str, **kwargs: Any) -> Any:
+        """Send a request and return its JSON body.
+
+        Raises:
+            ApiError: the status is not 2xx; the message holds the body.
+        """
+        resp = self.request(method, path, **kwargs)
+        if resp.status_code >= 300:
+            msg = f"{method} {path}: {resp.status_code} {resp.text[:2000]}"
+            raise ApiError(msg)
+        return resp.json() if resp.content else None
+
+    def trigger(self, dag_id: str, conf: dict[str, Any], *, note: str | None = None) -> dict[str, Any]:
+        """Trigger a run with ``conf`` as the UI's trigger form does (logical date now); return the run."""
+        body = {"logical_date": datetime.now(UTC).isoformat(), "conf": conf, "note": note}
+        return self.call("POST", f"/api/v2/dags/{dag_id}/dagRuns", json=body)
+
+    def run(self, dag_id: str, run_id: str) -> dict[str, Any]:
+        """Return a DAG run."""
+        return self.call("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}")
+
+    def task_instances(self, dag_id: str, run_id: str) -> list[dict[str, Any]]:
+        """Return every task instance of a run, mapped ones included, with their rendered names."""
+        data = self.call("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances", params={"limit": 1000})
+        return list(data["task_instances"])
+
+    def mapped(self, dag_id: str, run_id: str, task_id: str) -> list[dict[str, Any]]:
+        """Return a mapped task's instances, as the grid lists them when its box is clicked."""
+        path = f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/listMapped"
+        return list(self.call("GET", path, params={"limit": 1000})["task_instances"])
+
+    def grid_summary(self, dag_id: str, run_id: str) -> dict[str, Any]:
+        """Return the grid view's per-task summary of a run (``/ui/grid/ti_summaries``, NDJSON)."""
+        resp = self.request("GET", f"/ui/grid/ti_summaries/{dag_id}", params={"run_ids": run_id})
+        if resp.status_code != 200:
+            msg = f"grid summaries: {resp.status_code} {resp.text[:500]}"
+            raise ApiError(msg)
+        lines = [json.loads(line) for line in resp.text.splitlines() if line.strip()]
+        return next(line for line in lines if line.get("run_id") == run_id)
+
+    def clear(self, dag_id: str, run_id: str, task_ids: list[Any], *, dry_run: bool = False) -> list[dict[str, Any]]:
+        """Clear failed task instances (``[task_id, map_index]`` pairs) of a run and their downstream."""
+        body = {"dag_run_id": run_id, "task_ids": task_ids, "include_downstream": True, "only_failed": True, "dry_run": dry_run}
+        return list(self.call("POST", f"/api/v2/dags/{dag_id}/clearTaskInstances", json=body)["task_instances"])
+
+    def task_log(self, dag_id: str, run_id: str, task_id: str, try_number: int, *, map_index: int = -1) -> str:
+        """Return a task try's log as text."""
+        path = f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/logs/{try_number}"
+        data = self.call("GET", path, params={"map_index": map_index, "full_content": True}, headers={"Accept": "application/json"})
+        content = data.get("content", "")
+        if not isinstance(content, list):
+            return str(content)
+        lines = []
+        for item in content:
+            if not isinstance(item, dict):
+                lines.append(str(item))
+                continue
+            lines.append(str(item.get("event", "")))
+            lines.extend(f"{e.get('exc_type')}: {e.get('exc_value')}" for e in item.get("error_detail") or [])
+        return "\n".join(lines)
+
+    def wait_run(
+        self,
+        dag_id: str,
+        run_id: str,
+        states: set[str] | frozenset[str] = FINISHED,
+        *,
+        timeout_s: float = RUN_TIMEOUT_S,
+        on_poll: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
+        """Poll a run until its state is one of ``states``; return it.
+
+        Raises:
+            ServiceError: it did not get there in time (the message has its task states).
+        """
+
+        def check() -> dict[str, Any] | None:
+            run = self.run(dag_id, run_id)
+            if on_poll is not None:
+                on_poll(run)
+            return run if run["state"] in states else None
+
+        try:
+            return wait_for(check, timeout_s=timeout_s, what=f"{dag_id} run {run_id} to be {sorted(states)}", interval_s=POLL_S)
+        except ServiceError as exc:
+            tis = [(t["task_id"], t["map_index"], t["state"]) for t in self.task_instances(dag_id, run_id)]
+            msg = f"{exc}; task instances: {tis}"
+            raise ServiceError(msg) from None
+
+    def close(self) -> None:
+        """Close the HTTP connections."""
+        self._client.close()
+
+
+@dataclass
+class LiveAirflow:
+    """A running stack with its data: what end-to-end tests drive."""
+
+    stack: AirflowStack
+    postgres: LocalPostgres
+    api: AirflowApi
+    home: Path  # CNN_FEATURES_HOME of every Airflow process
+    corpus: Path  # demo corpus: corpus/ravdess, corpus/crema_d
+    counts: dict[str, int]
+
+    def conf(self, name: str, *, datasets: tuple[str, ...] = ("ravdess", "crema_d"), **fields: Any) -> dict[str, Any]:
+        """Return a run conf reading the demo corpus and writing under ``features/<name>/``."""
+        return {
+            "datasets": {d: {"input": str(self.corpus / d), "output": str(self.home / "features" / name / d)} for d in datasets},
+            "device": "auto",
+            "max_bad_fraction": 0.0,
+            **fields,
+        }
+
+    def trigger(self, conf: dict[str, Any], *, note: str | None = None) -> str:
+        """Trigger ``cnn_feature_extraction`` with ``conf``; return the run id."""
+        return str(self.api.trigger(DAG_ID, conf, note=note)["dag_run_id"])
+
+    def shard_files(self, run_id: str) -> dict[str, list[str]]:
+        """Return each shard's files (relative to its dataset), from plan_shards' XCom through the REST API."""
+        path = f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/plan_shards/xcomEntries/return_value"
+        value = self.api.call("GET", path, params={"deserialize": True})["value"]
+        shards = json.loads(value) if isinstance(value, str) else value
+        return {s["shard_id"]: list(s["files"]) for s in shards}
+
+    def progress_folder(self, run_id: str) -> Path:
+        """Return a run's progress-record folder."""
+        return run_folder(self.home / "progress", run_id)
+
+    def progress(self, run_id: str) -> RunProgress | None:
+        """Return a run's progress from its records, or None before plan_shards wrote the plan."""
+        folder = self.progress_folder(run_id)
+        return load_run(folder) if (folder / "plan.json").is_file() else None
+
+    def wait_for_progress(
+        self, run_id: str, condition: Callable[[RunProgress], bool], *, timeout_s: float = RUN_TIMEOUT_S
+    ) -> RunProgress:
+        """Poll a run's progress records until ``condition`` holds; return that progress."""
+
+        def check() -> RunProgress | None:
+            run = self.progress(run_id)
+            if run is not None and condition(run):
+                return run
+            state = self.api.run(DAG_ID, run_id)["state"]
+            if state in FINISHED:
+                msg = f"run {run_id} ended {state} before the awaited progress"
+                raise ServiceError(msg)
+            return None
+
+        return wait_for(check, timeout_s=timeout_s, what=f"progress of {run_id}", interval_s=0.5)
+
+    @contextlib.contextmanager
+    def scheduler_env(self, **extra: str) -> Iterator[None]:
+        """Run the scheduler (and so every task it starts) with extra environment variables, then restore it."""
+        self.stack.restart("scheduler", extra_env=extra)
+        self.stack.wait_healthy()
+        try:
+            yield
+        finally:
+            self.stack.restart("scheduler")
+            self.stack.wait_healthy()
+
+    @contextlib.contextmanager
+    def dag_paused(self, dag_id: str) -> Iterator[None]:
+        """Pause a DAG for the block; on exit delete the runs that queued up meanwhile, and unpause it.
+
+        For runs whose triggered follow-up (``emotion_training``) is not under
+        test: it would otherwise keep the CPU busy, and a scheduler stopping
+        meanwhile waits for its tasks.
+        """
+
+        def run_ids() -> dict[str, str]:
+            runs = self.api.call("GET", f"/api/v2/dags/{dag_id}/dagRuns", params={"limit": 1000})["dag_runs"]
+            return {r["dag_run_id"]: r["state"] for r in runs}
+
+        before = set(run_ids())
+        self.api.call("PATCH", f"/api/v2/dags/{dag_id}", json={"is_paused": True})
+        try:
+            yield
+        finally:
+            for run_id, state in run_ids().items():
+                if run_id not in before and state == "queued":
+                    self.api.request("DELETE", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}")
+            self.api.call("PATCH", f"/api/v2/dags/{dag_id}", json={"is_paused": False})
+
+    def airflow_cli(self, *args: str, stdin: str = "", timeout_s: float = 300.0) -> subprocess.CompletedProcess[str]:
+        """Run an ``airflow`` CLI command against this stack's metadata DB."""
+        return subprocess.run(["airflow", *args], env=self.stack.env, input=stdin, capture_output=True, text=True,
+                              check=False, timeout=timeout_s)
+
+
+def chromium_binary() -> str | None:
+    """Return the headless-capable Chromium to use (``$CHROMIUM``, else Debian's ``chromium``), or None."""
+    return os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+class Chromium:
+    """Headless Chromium driven over the DevTools protocol (one page, sequential commands)."""
+
+    FLAGS = (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+    )
+
+    def __init__(self, binary: str, profile: Path, log_path: Path, *, width: int = 1280, height: int = 1000) -> None:
+        from airflow_local import ManagedProcess
+
+        profile.mkdir(parents=True, exist_ok=True)
+        self.profile = profile
+        self.process = ManagedProcess(
+            "chromium",
+            [binary, *self.FLAGS, f"--user-data-dir={profile}", "--remote-debugging-port=0",
+             f"--window-size={width},{height}", "about:blank"],
+            env={**os.environ, "HOME": str(profile)},
+            log_path=log_path,
+        )
+        self._ws: Any = None
+        self._connection = contextlib.ExitStack()
+        self._next_id = 0
+        self.events: list[dict[str, Any]] = []
+
+    def start(self, *, timeout_s: float = 60.0) -> None:
+        """Start the browser and attach to its page."""
+        from websockets.sync.client import connect
+
+        self.process.start()
+        port_file = self.profile / "DevToolsActivePort"
+
+        def port() -> int | None:
+            if not self.process.alive:
+                msg = f"chromium exited at start:\n{self.process.log_tail()}"
+                raise ServiceError(msg)
+            text = port_file.read_text() if port_file.is_file() else ""
+            return int(text.split()[0]) if text.strip() else None
+
+        devtools = wait_for(port, timeout_s=timeout_s, what="Chromium's DevTools port", interval_s=0.2)
+        targets = httpx.get(f"http://127.0.0.1:{devtools}/json/list", timeout=10).json()
+        page = next(t for t in targets if t.get("type") == "page")
+        self._ws = self._connection.enter_context(
+            connect(page["webSocketDebuggerUrl"], max_size=64 * 1024 * 1024, open_timeout=30)
+        )
+        self.send("Page.enable")
+        self.send("Network.enable")
+
+    def send(self, method: str, *, timeout_s: float = 60.0, **params: Any) -> dict[str, Any]:
+        """Send a DevTools command and return its result; events seen meanwhile are kept in ``events``."""
+        self._next_id += 1
+        ident = self._next_id
+        self._ws.send(json.dumps({"id": ident, "method": method, "params": params}))
+        deadline = time.monotonic() + timeout_s
+        while True:
+            message = json.loads(self._ws.recv(timeout=max(deadline - time.monotonic(), 0.1)))
+            if message.get("id") == ident:
+                if "error" in message:
+                    msg = f"{method}: {message['error']}"
+                    raise ServiceError(msg)
+                return dict(message.get("result", {}))
+            if "method" in message:
+                self.events.append(message)
+
+    def set_cookie(self, name: str, value: str, url: str) -> None:
+        """Set a cookie for ``url`` (e.g. the Airflow UI's session token)."""
+        self.send("Network.setCookie", name=name, value=value, url=url, httpOnly=False)
+
+    def navigate(self, url: str, *, timeout_s: float = 60.0) -> None:
+        """Open ``url`` and wait for its load event."""
+        self.events.clear()
+        self.send("Page.navigate", url=url)
+        deadline = time.monotonic() + timeout_s
+        while not any(e.get("method") == "Page.loadEventFired" for e in self.events):
+            if time.monotonic() > deadline:
+                msg = f"{url} did not finish loading in {timeout_s:.0f} s"
+                raise ServiceError(msg)
+            self.send("Runtime.evaluate", expression="1")
+
+    def evaluate(self, expression: str) -> Any:
+        """Evaluate JavaScript in the page and return its (JSON) value."""
+        result = self.send("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
+        if "exceptionDetails" in result:
+            msg = f"JavaScript error: {result['exceptionDetails']}"
+            raise ServiceError(msg)
+        return result["result"].get("value")
+
+    def wait_for_js(self, expression: str, *, timeout_s: float = 60.0) -> Any:
+        """Evaluate ``expression`` until it is truthy (e.g. a React page rendering); return its value.
+
+        The value must be JSON (a string, a number, a list...): wrap an element in ``!!(...)``.
+        """
+        return wait_for(lambda: self.evaluate(expression) or None, timeout_s=timeout_s,
+                        what=f"the page to satisfy {expression[:80]!r}", interval_s=0.5)
+
+    def screenshot(self, path: Path, *, full_page: bool = True) -> Path:
+        """Save a PNG screenshot of the page."""
+        params: dict[str, Any] = {"format": "png"}
+        if full_page:
+            params["captureBeyondViewport"] = True
+            size = self.send("Page.getLayoutMetrics")["cssContentSize"]
+            params["clip"] = {"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1}
+        data = self.send("Page.captureScreenshot", **params)["data"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(base64.b64decode(data))
+        return path
+
+    def close(self) -> None:
+        """Close the connection and stop the browser (its whole process group)."""
+        from websockets.exceptions import WebSocketException
+
+        with contextlib.suppress(WebSocketException, OSError):
+            self._connection.close()
+        self.process.stop(grace_s=5.0)
