@@ -59,9 +59,8 @@ def pca_2d(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     components = vt[:2]
     if components.shape[0] < 2:
         components = np.vstack([components, np.zeros_like(components)])
-    for row in components:
-        if row[np.argmax(np.abs(row))] < 0:
-            row *= -1
+    largest = components[np.arange(len(components)), np.argmax(np.abs(components), axis=1)]
+    components = components * np.where(largest < 0, -1.0, 1.0)[:, None]
     variance = singular**2
     total = variance.sum()
     explained = variance[:2] / total if total > 0 else np.zeros(2)

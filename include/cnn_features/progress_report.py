@@ -137,12 +137,12 @@ def read_records(path: Path) -> list[dict[str, Any]]:
 
 def _int(record: dict[str, Any], key: str) -> int:
     value = record.get(key)
-    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0
+    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0
 
 
 def _float(record: dict[str, Any], key: str) -> float:
     value = record.get(key)
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
         return float(value)
     return 0.0
 
