@@ -15,7 +15,8 @@ One run, on one machine, measures (README: docs/benchmarks.md):
 5. the naive baseline: one ``model.predict(x[None])`` per file, on a sample;
 6. the whole DAG end to end (``airflow dags test``), start-up included;
 7. peak RSS of one extraction process over 1x and 4x the corpus;
-8. DAG file parse time as the DAG processor pays it (Airflow imported);
+8. DAG file parse time as the DAG processor pays it (Airflow and its parsing
+   modules already imported), and with only ``airflow.sdk`` imported;
 
 then prints a table of figures and target ratios and writes them as JSON.
 
@@ -89,6 +90,8 @@ TARGET_VS_NAIVE = 10.0
 TARGET_RSS_GIB = 1.5
 TARGET_RSS_GROWTH = 0.10
 TARGET_PARSE_S = 0.3
+# What a DAG processor process has imported before it parses a file.
+PARSE_PRELOAD = "airflow.sdk,airflow.dag_processing.processor"
 # Environment variables that pin an older OpenBLAS kernel; unset for the limit.
 OPENBLAS_PINS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 NO_GPU = {"usable": False, "error": "benchmark runs shards on CPU"}
@@ -350,11 +353,12 @@ def child_naive(args: argparse.Namespace) -> None:
 
 
 def child_parse(args: argparse.Namespace) -> None:
-    """Time executing each DAG file with Airflow already imported, as the DAG processor does (a child process)."""
+    """Time executing each DAG file after importing ``--preload`` modules (a child process)."""
+    import importlib
     import importlib.util
 
-    import airflow.sdk  # noqa: F401 - already loaded in the DAG processor
-
+    for name in args.preload.split(","):
+        importlib.import_module(name)
     seconds: dict[str, float] = {}
     for path in sorted(Path(args.dags).glob("*.py")):
         spec = importlib.util.spec_from_file_location(f"bench_dag_{path.stem}", path)
@@ -517,16 +521,28 @@ def measure_rss(home: Path, settings: Settings, model: dict[str, Any], *, scale:
 
 
 def measure_parse(root: Path, *, repeats: int) -> dict[str, Any]:
-    """Parse the DAG files in ``repeats`` fresh processes; return the median total and per-file seconds."""
+    """Parse the DAG files in ``repeats`` fresh processes; return median totals and per-file seconds.
+
+    ``total_s`` is what the DAG processor pays: its process already holds
+    Airflow, the SDK and its own parsing modules (``PARSE_PRELOAD``), so a
+    file costs its own code and the imports only it makes. ``cold_total_s``
+    has only ``airflow.sdk`` imported, so it also pays for the Airflow
+    modules the files' imports pull in (models, API, providers).
+    """
     env = airflow_env(root / "airflow" / "parse", root / "parse-home")
-    runs = [run_child(["_parse", "--dags", str(REPO / "dags")], env=env) for _ in range(repeats)]
-    totals = [sum(r["seconds"].values()) for r in runs]
-    names = runs[0]["seconds"].keys()
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for mode, preload in (("processor", PARSE_PRELOAD), ("cold", "airflow.sdk")):
+        args = ["_parse", "--dags", str(REPO / "dags"), "--preload", preload]
+        runs[mode] = [run_child(args, env=env) for _ in range(repeats)]
+    totals = {mode: [sum(r["seconds"].values()) for r in rs] for mode, rs in runs.items()}
+    names = runs["processor"][0]["seconds"].keys()
     return {
-        "total_s": statistics.median(totals),
+        "total_s": statistics.median(totals["processor"]),
+        "cold_total_s": statistics.median(totals["cold"]),
         "samples": totals,
-        "per_file_s": {n: statistics.median(r["seconds"][n] for r in runs) for n in names},
-        "heavy_modules": sorted({m for r in runs for m in r["heavy_modules"]}),
+        "per_file_s": {n: statistics.median(r["seconds"][n] for r in runs["processor"]) for n in names},
+        "preload": PARSE_PRELOAD,
+        "heavy_modules": sorted({m for rs in runs.values() for r in rs for m in r["heavy_modules"]}),
     }
 
 
@@ -650,6 +666,7 @@ def finish(result: dict[str, Any], shared: dict[str, Any]) -> None:
     figures = result["figures"]
     figures["limit_gflops"] = statistics.median(shared["limit_samples"])
     figures["dag_parse_s"] = shared["parse"]["total_s"]
+    figures["dag_parse_cold_s"] = shared["parse"]["cold_total_s"]
     figures["dag_parse_heavy_modules"] = shared["parse"]["heavy_modules"]
     if "dag_wall_s" not in figures:
         return
@@ -692,7 +709,8 @@ def table(results: dict[str, dict[str, Any]], shared: dict[str, Any]) -> str:
     row("whole DAG: GFLOP/s", "{:.0f}", f("dag_gflops"))
     row("peak RSS, 1x corpus, GiB", "{:.2f}", f("rss_1x_gib"))
     row(f"peak RSS, {RSS_SCALE}x corpus, GiB", "{:.2f}", f("rss_4x_gib"))
-    row("DAG files parse (Airflow imported), s", "{:.3f}", f("dag_parse_s"))
+    row("DAG files parse, as the DAG processor pays it, s", "{:.3f}", f("dag_parse_s"))
+    row("DAG files parse, only airflow.sdk imported before, s", "{:.3f}", f("dag_parse_cold_s"))
     row("**model alone / limit**", "{:.1%}", r("model_alone_vs_limit"))
     row("**stage / limit** (target >= 85 %)", "{:.1%}", r("stage_vs_limit"))
     row("**DAG / limit** (target >= 66.7 %)", "{:.1%}", r("dag_vs_limit"))
@@ -791,6 +809,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     m.add_argument("--files", required=True)
     m = sub.add_parser("_parse")
     m.add_argument("--dags", required=True)
+    m.add_argument("--preload", required=True)
 
     parser.add_argument("--root", type=Path, default=REPO / "data" / "bench", help="corpora, Airflow home, results")
     parser.add_argument("--corpus", choices=("fixed", "realistic", "both"), default="both")

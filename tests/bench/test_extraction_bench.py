@@ -33,6 +33,7 @@ FIGURES = (
     "rss_1x_gib",
     "rss_4x_gib",
     "dag_parse_s",
+    "dag_parse_cold_s",
 )
 
 
