@@ -18,8 +18,10 @@ into one 256-d CNN feature vector per clip, then triggers `emotion_training`.
    *CNN feature progress* page links.
 5. **trigger_training** starts `emotion_training` on the verified manifests.
 
-**Re-running failed shards:** clear the failed `extract_shard` instance (grid:
-click it, then *Clear* > *Downstream*); only its files are recomputed.
+**Re-running failed shards:** fix the cause, open the failed `extract_shard`
+instance (e.g. `ravdess 2/2`) from the grid, press *Clear* (Shift+C), keep
+*Downstream* selected and confirm. Only that shard re-runs, skipping the
+features it already wrote; verification and training follow.
 
 No TensorFlow is imported here or in any Airflow task process: CUDA state does
 not survive the `fork()` the task supervisor uses to start tasks.
