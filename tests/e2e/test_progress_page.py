@@ -20,6 +20,9 @@ SHARD_SIZE = 60
 # Seconds each worker sleeps per batch of 8 (test fault): a 60-file shard then
 # takes about 8 s beyond its start-up, long enough to load a page mid-shard.
 SLOW_S = "1.0"
+# Page loads tried until one lands while a shard is mid-way (between two
+# shards there are seconds with none running: the next one is starting up).
+PAGE_ATTEMPTS = 5
 # Collects what the page shows: each shard row's data attributes and visible cells.
 READ_PAGE = """(() => {
   const rows = [...document.querySelectorAll('tr.shard')].map(r => ({
@@ -64,12 +67,16 @@ def test_progress_page_shows_a_run_in_progress(live_airflow: LiveAirflow, chromi
     output = Path(conf["datasets"]["ravdess"]["output"])
     with live.dag_paused(TRAINING_DAG_ID), live.scheduler_env(CNN_FEATURES_TEST_FAULT=f"slow={SLOW_S}"):
         run_id = live.trigger(conf)
-        before = live.wait_for_progress(
-            run_id,
-            lambda r: any(s.state == "success" for s in r.shards) and any(s.state == "running" and s.done > 0 for s in r.shards),
-        )
-        shown = open_page(chromium, live, run_id)
-        after = live.progress(run_id)
+        for _ in range(PAGE_ATTEMPTS):
+            before = live.wait_for_progress(
+                run_id,
+                lambda r: any(s.state == "success" for s in r.shards) and any(s.state == "running" and s.done > 0 for s in r.shards),
+            )
+            shown = open_page(chromium, live, run_id)
+            after = live.progress(run_id)
+            states = {r["state"] for r in shown["rows"] if r["state"] != "running" or int(r["done"]) > 0}
+            if {"success", "running"} <= states:
+                break  # else a shard ended while the page loaded, before the next one wrote a record: look again
         files = live.shard_files(run_id)
         disk = {sid: on_disk(output, fs) for sid, fs in files.items()}
         chromium.screenshot(artifacts / "progress-page-running.png")

@@ -29,6 +29,9 @@ NO_GPU = {"usable": False, "error": "no GPU in tests"}
 # Kill-at-a-random-point rounds: each starts a worker (about 2-3 s of
 # TensorFlow import) and kills it somewhere inside its extraction loop.
 KILL_ROUNDS = 12
+# Seconds a worker sleeps after each pass in the kill test (the 'slow' fault):
+# stretches a 200-file shard over about a second, so kills land mid-shard.
+KILL_TEST_SLOW_S = 0.05
 
 
 def shard_for(tmp_path: Path, model: dict[str, Any], *, batch_size: int = 4) -> dict[str, Any]:
@@ -49,16 +52,17 @@ def test_sigkill_at_random_points_never_leaves_a_partial_feature(tmp_path: Path,
     out = tmp_path / "out"
     rng = random.Random(1234)
     killed_mid_run = 0
+    env = {**child_env("cpu"), ENV_VAR: f"slow={KILL_TEST_SLOW_S}"}
     for _ in range(KILL_ROUNDS):
         proc = subprocess.Popen(
             python_module_cmd("cnn_features.worker", "--spec", str(spec_path), "--device", "cpu"),
-            env=child_env("cpu"), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
         )
         assert proc.stdout is not None
         for line in proc.stdout:  # the first progress line comes once the model is loaded
             if line.startswith(PROGRESS_PREFIX):
                 break
-        time.sleep(rng.uniform(0.0, 0.05))
+        time.sleep(rng.uniform(0.0, 0.3))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         if proc.returncode == -signal.SIGKILL:
