@@ -592,14 +592,18 @@ def bench_corpus(name: str, home: Path, root: Path, args: argparse.Namespace, sh
     probe_frames = args.fixed_frames
     distinct = sorted({f for v in frames.values() for f in v} | {probe_frames})
     streams = shared["streams"]
+    def model_alone(flop_frames: list[int], repeats: int) -> dict[str, Any]:
+        return run_child(
+            [
+                "_model", "--model", model["path"], "--streams", str(streams), "--frames", str(probe_frames),
+                "--batch-size", str(settings.batch_size), "--repeats", str(repeats), "--seconds", str(args.model_seconds),
+                "--flop-frames", json.dumps(flop_frames),
+            ]
+        )
+
     log(f"[{name}] model alone ({streams} streams, {probe_frames} frames) and FLOP count")
-    alone = run_child(
-        [
-            "_model", "--model", model["path"], "--streams", str(streams), "--frames", str(probe_frames),
-            "--batch-size", str(settings.batch_size), "--repeats", str(args.repeats), "--seconds", str(args.model_seconds),
-            "--flop-frames", json.dumps(distinct),
-        ]
-    )
+    alone = model_alone(distinct, args.repeats)
+    alone_samples = list(alone["samples"])
     flops = alone["flops"]
     gflop = corpus_gflop(frames, flops)
     gflop_per_probe = flops[str(probe_frames)] / 1e9
@@ -612,7 +616,10 @@ def bench_corpus(name: str, home: Path, root: Path, args: argparse.Namespace, sh
     for run in range(args.runs):
         log(f"[{name}] extraction stage, run {run + 1}/{args.runs}")
         stages.append(measure_stage(settings, model))
+        # The limit and the model alone again after each stage run, so that
+        # load from other processes weighs on every figure alike.
         shared["limit_samples"].append(measure_limit(threads=streams, n=args.matmul_n, repeats=args.repeats)["gflops"])
+        alone_samples += model_alone([probe_frames], 2)["samples"]
         if not args.skip_dag:
             log(f"[{name}] whole DAG (airflow dags test), run {run + 1}/{args.runs}")
             dags.append(measure_dag(airflow_home, settings))
@@ -634,8 +641,8 @@ def bench_corpus(name: str, home: Path, root: Path, args: argparse.Namespace, sh
         "files": n_files,
         "corpus_gflop": gflop,
         "gflop_per_file_at_probe_frames": gflop_per_probe,
-        "model_alone_files_per_s": alone["files_per_s"],
-        "model_alone_gflops": alone["files_per_s"] * gflop_per_probe,
+        "model_alone_files_per_s": statistics.median(alone_samples),
+        "model_alone_gflops": statistics.median(alone_samples) * gflop_per_probe,
         "stage_files_per_s": n_files / stage_loop,
         "stage_gflops": gflop / stage_loop,
         "stage_loop_s": stage_loop,
@@ -658,7 +665,7 @@ def bench_corpus(name: str, home: Path, root: Path, args: argparse.Namespace, sh
         figures["dag_files_per_s"] = n_files / figures["dag_wall_s"]
         figures["dag_tasks_s"] = dags[len(dags) // 2]["tasks_s"]
         figures["dag_features_written"] = dags[-1]["features"]
-    return {"figures": figures, "runs": {"stage": stages, "dag": dags, "model_alone": alone["samples"]}}
+    return {"figures": figures, "runs": {"stage": stages, "dag": dags, "model_alone": alone_samples}}
 
 
 def finish(result: dict[str, Any], shared: dict[str, Any]) -> None:
