@@ -297,8 +297,8 @@ def extract(spec: dict[str, Any], device: str) -> dict[str, Any]:
     """Extract every pending file of the shard; return the shard's result.
 
     The shard's files are checked (headers, existing outputs) on a thread while
-    TensorFlow loads; then one thread loads files and ``streams`` threads run
-    forward passes, while this thread writes each feature atomically.
+    TensorFlow loads; then ``streams`` threads run forward passes while this
+    thread loads the next passes and writes each feature atomically.
     """
     info = spec["model"]
     output_root = Path(spec["output"])
