@@ -157,8 +157,7 @@ def cnn_feature_extraction() -> None:
             write_run_plots(run_folder(SETTINGS.progress_root, context["run_id"]) / PLOTS_DIR, shards, results)
 
     probe = probe_gpu()
-    shards = plan_shards()
-    probe >> shards
+    shards = plan_shards()  # independent of the probe: the two may run side by side
     results = extract_shard.partial(probe=probe).expand(shard=shards)
     verified = verify_features(shards, results)
     TriggerDagRunOperator(

@@ -69,7 +69,7 @@ def main() -> int:
 def run_demo() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--full", action="store_true", help="the full-size corpus (1,440 + 7,442 files)")
-    parser.add_argument("--shard-size", type=int, default=None, help="files per shard (default: 120 small, 500 full)")
+    parser.add_argument("--shard-size", type=int, default=None, help="files per shard (default: 120 small, the configured default full)")
     args = parser.parse_args()
     settings = load_settings()
     home = Path(os.environ["AIRFLOW_HOME"])
@@ -84,7 +84,8 @@ def run_demo() -> int:
     print(f"2/4 Airflow metadata DB (SQLite) in {home}", flush=True)
     airflow("db", "migrate", log=log)
 
-    shard_size = args.shard_size or (500 if args.full else 120)
+    # The small corpus is cut finer than the default, so the grid shows several shards.
+    shard_size = args.shard_size or (settings.shard_size if args.full else 120)
     conf = {"datasets": settings.default_datasets(), "device": "auto", "shard_size": shard_size}
     print(f"3/4 cnn_feature_extraction (shard_size={shard_size}; log: {log})", flush=True)
     before = time.monotonic()

@@ -9,6 +9,7 @@ that TensorFlow can create a context and run a kernel on the GPU.
 from __future__ import annotations
 
 import ctypes
+import importlib.metadata
 import logging
 import os
 import subprocess
@@ -145,6 +146,16 @@ def _cuda_driver() -> dict[str, Any]:
     }
 
 
+def _installed_tensorflow() -> str | None:
+    """Return the installed TensorFlow's version without importing it."""
+    for dist in ("tensorflow", "tensorflow-cpu"):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
 def _tensorflow_gpu(report: dict[str, Any]) -> None:
     """Fill in TensorFlow's view; raise RuntimeError if it cannot use the GPU."""
     import tensorflow as tf
@@ -185,14 +196,16 @@ def probe_main() -> int:
     try:
         report.update(_cuda_driver())
     except RuntimeError as exc:
+        # Without a working driver no framework can use a GPU: skip the
+        # seconds of TensorFlow import and report its installed version.
         report["error"] = str(exc)
+        report["framework_version"] = _installed_tensorflow()
+        emit(RESULT_PREFIX, report)
+        return 0
     try:
         _tensorflow_gpu(report)
     except Exception as exc:  # noqa: BLE001 - any framework failure means "not usable"
-        if report["error"] == "not probed":
-            report["error"] = f"{type(exc).__name__}: {exc}"
-        else:
-            report["error"] = f"{report['error']}; TensorFlow: {exc}"
+        report["error"] = f"{type(exc).__name__}: {exc}"
     else:
         report["usable"] = True
         report["error"] = None
