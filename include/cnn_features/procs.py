@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import sys
 from typing import Any, Literal
 
@@ -17,6 +18,13 @@ PROGRESS_PREFIX = "CNN_FEATURES_PROGRESS "
 PARENT_PID_ENV = "CNN_FEATURES_PARENT_PID"
 # From <sys/prctl.h>: deliver a signal to this process when its parent dies.
 _PR_SET_PDEATHSIG = 1
+# TensorFlow runs convolutions through oneDNN only on CPUs it picks itself
+# (AVX-512 VNNI/BF16, AMX); elsewhere, e.g. an AVX2 AMD EPYC, it falls back
+# to Eigen, and the reference CNN ran at 68 % of the numpy matrix-product rate
+# instead of 90 % (docs/benchmarks.md). Children on x86-64 turn it on unless
+# the deployment set the variable itself.
+_ONEDNN_ENV = "TF_ENABLE_ONEDNN_OPTS"
+_ONEDNN_MACHINES = frozenset({"x86_64", "AMD64"})
 
 
 def child_env(device: Device) -> dict[str, str]:
@@ -31,6 +39,8 @@ def child_env(device: Device) -> dict[str, str]:
     # TensorFlow's C++ INFO/WARNING chatter (oneDNN notices, CPU flags) buries
     # the shard log; errors still show.
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if platform.machine() in _ONEDNN_MACHINES:
+        env.setdefault(_ONEDNN_ENV, "1")
     if device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = "-1"
     return env
