@@ -32,7 +32,7 @@ from cnn_features import faults
 from cnn_features.config import load_settings
 from cnn_features.errors import InvalidSpectrogram
 from cnn_features.procs import PROGRESS_PREFIX, RESULT_PREFIX, die_with_parent, emit
-from cnn_features.spectrogram import check_header, load_spectrogram, read_header, resolve_inside
+from cnn_features.spectrogram import check_header, load_spectrogram, read_header
 from cnn_features.storage import check_feature_file, remove_stale_temps, save_npy_atomic
 
 log = logging.getLogger("cnn_features.worker")
@@ -124,6 +124,7 @@ def init_gpu() -> str:
 def _pending(spec: dict[str, Any], info: dict[str, Any], tally: Tally) -> list[tuple[tuple[int, int], str]]:
     """Return (shape, relpath) of files still to extract, sorted by shape; tally the rest."""
     input_root, output_root = Path(spec["input"]), Path(spec["output"])
+    inside = input_root.resolve()
     rejected: dict[str, str] = spec.get("rejected", {})
     todo: list[tuple[tuple[int, int], str]] = []
     for rel in spec["files"]:
@@ -134,8 +135,7 @@ def _pending(spec: dict[str, Any], info: dict[str, Any], tally: Tally) -> list[t
             tally.skipped += 1
             continue
         try:
-            path = resolve_inside(input_root, rel)
-            header = read_header(path, rel)
+            header = read_header(input_root / rel, rel, inside=inside)
             check_header(
                 header, rel, n_mels=info["n_mels"], min_frames=info["min_frames"], frames=info["frames"]
             )
@@ -188,6 +188,7 @@ def _passes(
 ) -> Iterator[Pass | tuple[str, InvalidSpectrogram]]:
     """Load ``todo`` in order; yield passes of equal shapes, and (relpath, reason) for files that fail."""
     input_root = Path(spec["input"])
+    inside = input_root.resolve()
     rels: list[str] = []
     arrays: list[np.ndarray] = []
     for _, rel in todo:
@@ -198,6 +199,7 @@ def _passes(
                 n_mels=info["n_mels"],
                 min_frames=info["min_frames"],
                 frames=info["frames"],
+                inside=inside,
             )
         except InvalidSpectrogram as exc:
             yield rel, exc
@@ -311,10 +313,8 @@ def extract(spec: dict[str, Any], device: str) -> dict[str, Any]:
 
     tally = Tally(total=len(spec["files"]))
     _prepare_outputs(spec)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="scan") as scan:
-        scanned = scan.submit(_pending, spec, info, tally)
-        predictor = _load_predictor(info, device, streams)
-        todo = scanned.result()
+    todo = _pending(spec, info, tally)
+    predictor = _load_predictor(info, device, streams)
     log.info("shard %s: %d files to extract on %s, %d pass(es) at once", spec["shard_id"], len(todo), device.upper(), streams)
     tally.started = time.monotonic()
     tally.progress(device, force=True)

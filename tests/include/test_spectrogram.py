@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from cnn_features.errors import InvalidSpectrogram
-from cnn_features.spectrogram import load_spectrogram, resolve_inside
+from cnn_features.spectrogram import load_spectrogram, read_header, resolve_inside
 from tests.conftest import add_bad_inputs, tiny_spectrogram, write_clip
 
 
 def load(root: Path, rel: str) -> np.ndarray:
-    return load_spectrogram(resolve_inside(root, rel), relpath=rel, n_mels=128, min_frames=16)
+    return load_spectrogram(root / rel, relpath=rel, n_mels=128, min_frames=16, inside=root.resolve())
 
 
 def test_good_file_loads_as_float32(tmp_path: Path) -> None:
@@ -77,3 +78,70 @@ def test_symlinked_folder_inside_root_is_allowed(tmp_path: Path) -> None:
     write_clip(tmp_path / "real" / "a.npy", tiny_spectrogram(4, 30))
     (tmp_path / "alias").symlink_to(tmp_path / "real")
     assert load(tmp_path, "alias/a.npy").shape == (128, 30)
+
+
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.arange(128 * 20, dtype=np.float32).reshape(128, 20),
+        np.asfortranarray(np.arange(128 * 20, dtype=np.float64).reshape(128, 20)),
+        np.arange(128 * 20, dtype=">f4").reshape(128, 20),
+        np.arange(128 * 20, dtype=np.float16).reshape(128, 20),
+    ],
+    ids=["float32", "fortran-float64", "big-endian", "float16"],
+)
+def test_header_read_fast_agrees_with_numpy(tmp_path: Path, array: np.ndarray) -> None:
+    """Headers numpy writes are parsed without numpy's parser, to the same shape, dtype and order, and load the same values."""
+    write_clip(tmp_path / "a.npy", array)
+    header = read_header(tmp_path / "a.npy")
+    with open(tmp_path / "a.npy", "rb") as fh:
+        assert np.lib.format.read_magic(fh) == (1, 0)
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
+        offset = fh.tell()
+    assert (header.shape, header.dtype, header.fortran_order, header.offset) == (shape, dtype, fortran, offset)
+    np.testing.assert_array_equal(load(tmp_path, "a.npy"), np.load(tmp_path / "a.npy").astype(np.float32))
+
+
+def test_unusual_header_layout_goes_through_numpy(tmp_path: Path) -> None:
+    """A valid header in another layout (format 2.0, keys reordered) still loads, through numpy's own parser."""
+    data = tiny_spectrogram(5, 30)
+    header = "{'shape': (128, 30), 'fortran_order': False, 'descr': '<f4'}"
+    text = header + " " * (64 - (12 + len(header) + 1) % 64) + "\n"
+    raw = b"\x93NUMPY\x02\x00" + len(text).to_bytes(4, "little") + text.encode("latin1") + data.tobytes()
+    (tmp_path / "a.npy").write_bytes(raw)
+    np.testing.assert_array_equal(load(tmp_path, "a.npy"), data)
+
+
+def test_corrupt_header_is_refused(tmp_path: Path) -> None:
+    """A header that is not a Python literal dict is a corrupt header, not a crash."""
+    text = "{'descr': __import__('os').system('true')}" + " " * 20 + "\n"
+    (tmp_path / "a.npy").write_bytes(b"\x93NUMPY\x01\x00" + len(text).to_bytes(2, "little") + text.encode())
+    with pytest.raises(InvalidSpectrogram, match="a.npy: corrupt .npy header"):
+        load(tmp_path, "a.npy")
+
+
+def test_file_ending_inside_its_header_is_refused(tmp_path: Path) -> None:
+    """A file cut inside its header says so."""
+    write_clip(tmp_path / "a.npy", tiny_spectrogram(6, 30))
+    (tmp_path / "a.npy").write_bytes((tmp_path / "a.npy").read_bytes()[:40])
+    with pytest.raises(InvalidSpectrogram, match="file ends inside it"):
+        load(tmp_path, "a.npy")
+
+
+def test_fifo_in_the_dataset_is_refused_without_hanging(tmp_path: Path) -> None:
+    """A named pipe posing as a spectrogram is refused at once; opening it never blocks."""
+    os.mkfifo(tmp_path / "a.npy")
+    with pytest.raises(InvalidSpectrogram, match="a.npy: not a regular file"):
+        load(tmp_path, "a.npy")
+
+
+def test_escape_is_checked_on_the_opened_file(tmp_path: Path) -> None:
+    """With ``inside``, a symlink out of the root is refused however the path was checked before."""
+    (tmp_path / "root").mkdir()
+    write_clip(tmp_path / "x.npy", tiny_spectrogram(3, 30))
+    (tmp_path / "root" / "a.npy").symlink_to(tmp_path / "x.npy")
+    root = (tmp_path / "root").resolve()
+    with pytest.raises(InvalidSpectrogram, match="outside the dataset root"):
+        load_spectrogram(tmp_path / "root" / "a.npy", relpath="a.npy", n_mels=128, min_frames=16, inside=root)
+    with pytest.raises(InvalidSpectrogram, match="outside the dataset root"):
+        read_header(tmp_path / "root" / "a.npy", "a.npy", inside=root)
