@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+import functools
+import hashlib
 import io
 import json
 import os
@@ -13,6 +15,17 @@ import numpy as np
 
 # Marker in temporary names; a file holding it is never a finished output.
 TMP_MARKER = ".tmp-"
+# Feature vectors are stored as native float32, as the model computes them.
+_FEATURE_DTYPE = np.dtype(np.float32)
+
+
+def file_sha256(path: Path) -> str:
+    """Return the hex SHA-256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def temp_path(final: Path) -> Path:
@@ -52,8 +65,22 @@ def _write_all(path: Path, data: bytes) -> None:
 
 def npy_bytes(array: np.ndarray) -> bytes:
     """Serialise an array as ``.npy`` bytes, refusing object arrays."""
+    array = np.ascontiguousarray(array)
+    if array.dtype.hasobject:
+        msg = "object arrays are never written: they would need pickle to read back"
+        raise ValueError(msg)
+    return npy_header(array.dtype.str, array.shape) + array.tobytes()
+
+
+@functools.lru_cache(maxsize=64)
+def npy_header(descr: str, shape: tuple[int, ...]) -> bytes:
+    """Return the bytes ``np.save`` writes before the data of a C-ordered array."""
     buffer = io.BytesIO()
-    np.lib.format.write_array(buffer, np.ascontiguousarray(array), allow_pickle=False)
+    header = {"descr": descr, "fortran_order": False, "shape": shape}
+    try:
+        np.lib.format.write_array_header_1_0(buffer, header)
+    except ValueError:  # too long for format 1.0, as np.save decides too
+        np.lib.format.write_array_header_2_0(buffer, header)
     return buffer.getvalue()
 
 
@@ -107,14 +134,35 @@ def remove_stale_temps(folder: Path, final_names: set[str]) -> int:
 
 
 def check_feature_file(path: Path, *, feature_dim: int) -> str | None:
-    """Return why ``path`` is not a valid feature vector, or None if it is."""
+    """Return why ``path`` is not a valid feature vector, or None if it is.
+
+    A file laid out exactly as ``save_npy_atomic`` writes it is checked from
+    one read; anything else goes through ``np.load`` to say what is wrong.
+    """
+    header = npy_header(_FEATURE_DTYPE.str, (feature_dim,))
+    size = len(header) + _FEATURE_DTYPE.itemsize * feature_dim
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(size + 1)
+    except FileNotFoundError:
+        return "missing"
+    except OSError as exc:
+        return f"unreadable ({exc})"
+    if len(data) == size and data.startswith(header):
+        if np.isfinite(np.frombuffer(data, dtype=_FEATURE_DTYPE, offset=len(header))).all():
+            return None
+        return "non-finite values"
+    return _feature_problem(path, feature_dim)
+
+
+def _feature_problem(path: Path, feature_dim: int) -> str | None:
     try:
         array = np.load(path, allow_pickle=False)
     except FileNotFoundError:
         return "missing"
     except (ValueError, EOFError, OSError) as exc:
         return f"unreadable ({exc})"
-    if array.dtype != np.float32:
+    if array.dtype != _FEATURE_DTYPE:
         return f"dtype {array.dtype}, expected float32"
     if array.shape != (feature_dim,):
         return f"shape {array.shape}, expected ({feature_dim},)"

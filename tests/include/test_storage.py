@@ -95,3 +95,33 @@ def test_check_feature_file_missing_and_corrupt(tmp_path: Path) -> None:
     assert storage.check_feature_file(tmp_path / "nope.npy", feature_dim=8) == "missing"
     (tmp_path / "bad.npy").write_bytes(b"\x93NUMPY garbage")
     assert storage.check_feature_file(tmp_path / "bad.npy", feature_dim=8).startswith("unreadable")
+
+
+@pytest.mark.parametrize(
+    "array",
+    [np.arange(256, dtype=np.float32), np.zeros((128, 30), dtype=np.float64), np.zeros((1,) * 40, dtype=np.float32)],
+    ids=["feature", "spectrogram", "header-past-format-1.0"],
+)
+def test_npy_bytes_are_what_np_save_writes(tmp_path: Path, array: np.ndarray) -> None:
+    """The cached header plus the raw data give byte for byte the file np.save writes."""
+    np.save(tmp_path / "ref.npy", array)
+    assert storage.npy_bytes(array) == (tmp_path / "ref.npy").read_bytes()
+
+
+def test_object_arrays_are_never_written() -> None:
+    """An object array would need pickle to read back: refused."""
+    with pytest.raises(ValueError, match="object arrays"):
+        storage.npy_bytes(np.array([{"a": 1}], dtype=object))
+
+
+def test_feature_files_not_written_by_us_are_still_judged(tmp_path: Path) -> None:
+    """A valid vector in another layout passes; a truncated or byte-swapped one is named."""
+    header = "{'shape': (8,), 'fortran_order': False, 'descr': '<f4'}"
+    text = header + " " * (64 - (10 + len(header) + 1) % 64) + "\n"
+    (tmp_path / "other.npy").write_bytes(b"\x93NUMPY\x01\x00" + len(text).to_bytes(2, "little") + text.encode() + bytes(32))
+    assert storage.check_feature_file(tmp_path / "other.npy", feature_dim=8) is None
+    storage.save_npy_atomic(tmp_path / "cut.npy", np.ones(8, dtype=np.float32))
+    (tmp_path / "cut.npy").write_bytes((tmp_path / "cut.npy").read_bytes()[:-4])
+    assert storage.check_feature_file(tmp_path / "cut.npy", feature_dim=8).startswith("unreadable")
+    np.save(tmp_path / "swapped.npy", np.ones(8, dtype=">f4"))
+    assert "dtype >f4" in storage.check_feature_file(tmp_path / "swapped.npy", feature_dim=8)
