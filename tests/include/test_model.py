@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ from cnn_features.model import (  # noqa: E402
     load_feature_model,
     predict,
 )
+from cnn_features.procs import child_env  # noqa: E402
 from tests.conftest import tiny_spectrogram  # noqa: E402
 
 
@@ -117,3 +120,16 @@ def test_non_keras_file_is_refused(tmp_path: Path) -> None:
     (tmp_path / "m.h5").write_bytes(b"x")
     with pytest.raises(ModelError, match="expected a .keras file"):
         load_feature_model(tmp_path / "m.h5")
+
+
+def test_model_module_skips_matplotlib_but_leaves_it_importable() -> None:
+    """Importing the model code does not pay for matplotlib, and matplotlib still imports afterwards."""
+    script = (
+        "import sys\n"
+        "import cnn_features.model\n"
+        "print('matplotlib' in sys.modules)\n"
+        "import matplotlib.pyplot\n"
+        "print('matplotlib.pyplot' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], env=child_env("cpu"), capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "True"]
