@@ -100,6 +100,10 @@ class Settings:
     def reference_model_path(self) -> Path:
         return self.model_dir / "reference_cnn_v1.keras"
 
+    @property
+    def model_info_cache(self) -> Path:
+        return self.home / "cache" / "model-info"
+
     def default_datasets(self) -> dict[str, dict[str, str]]:
         """Return the demo datasets' input and output folders, as the run conf names them."""
         from cnn_features.datasets import DATASETS

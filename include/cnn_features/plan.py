@@ -5,6 +5,8 @@ Parent side, no TensorFlow: the model check runs in a fresh CPU-only process.
 
 from __future__ import annotations
 
+import contextlib
+import importlib.metadata
 import json
 import logging
 import os
@@ -17,7 +19,7 @@ from cnn_features.config import Settings
 from cnn_features.datasets import get_dataset, label_all, list_files
 from cnn_features.errors import InvalidConf, InvalidInput, ModelError, OutputConflict
 from cnn_features.procs import RESULT_PREFIX, child_env, parse_line, python_module_cmd
-from cnn_features.storage import write_json_atomic
+from cnn_features.storage import file_sha256, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +31,8 @@ MAX_SHARD_SIZE = 100_000
 MODEL_CHECK_TIMEOUT_S = 600
 # File in each output folder recording which model made its features.
 FEATURES_META = "_features.json"
+# Fields of a model's info (``model.ModelInfo``), as the check process prints them.
+_MODEL_INFO_KEYS = frozenset({"path", "sha256", "n_mels", "frames", "channel_axis", "feature_dim", "min_frames"})
 
 
 @dataclass(frozen=True)
@@ -138,15 +142,63 @@ def validate_conf(params: dict[str, Any], settings: Settings) -> RunConf:
 
 
 def check_model(model_path: Path | None, settings: Settings) -> dict[str, Any]:
-    """Load the model in a fresh CPU-only process and return its ``ModelInfo`` as a dict.
+    """Return the model's ``ModelInfo`` as a dict, loading it in a fresh CPU-only process when needed.
 
     With no ``model_path``, the seeded reference extractor is used (and
-    created on first use).
+    created on first use). A model file whose SHA-256 was checked before by
+    the same Keras version is not loaded again (``settings.model_info_cache``):
+    the check process costs seconds of TensorFlow start-up on every run.
 
     Raises:
         ModelError: the model is missing, not loadable in safe mode, or does
             not map one spectrogram to one feature vector.
     """
+    path = model_path or settings.reference_model_path
+    sha256 = None  # a missing, unreadable or misnamed model: the check process says why (or creates the reference)
+    if path.suffix == ".keras":
+        with contextlib.suppress(OSError):
+            sha256 = file_sha256(path)
+    if sha256 is not None and (cached := _cached_info(settings, sha256)) is not None:
+        log.info("model %s: sha256 %s checked before, not loaded again", path, sha256[:12])
+        return {**cached, "path": str(path), "sha256": sha256}
+    info = _load_in_child(model_path, settings)
+    _cache_info(settings, info)
+    return info
+
+
+def _cache_entry(settings: Settings, sha256: str) -> Path:
+    try:
+        keras_version = importlib.metadata.version("keras")
+    except importlib.metadata.PackageNotFoundError:
+        keras_version = "unknown"
+    return settings.model_info_cache / f"{sha256}-keras-{keras_version}.json"
+
+
+def _cached_info(settings: Settings, sha256: str) -> dict[str, Any] | None:
+    """Return the cached info of the model with this SHA-256, or None if absent or unusable."""
+    entry = _cache_entry(settings, sha256)
+    try:
+        info = json.loads(entry.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        log.warning("model info cache %s unreadable (%s); checking the model again", entry, exc)
+        return None
+    if not isinstance(info, dict) or set(info) != _MODEL_INFO_KEYS or info.get("sha256") != sha256:
+        log.warning("model info cache %s does not hold this model's info; checking the model again", entry)
+        return None
+    return info
+
+
+def _cache_info(settings: Settings, info: dict[str, Any]) -> None:
+    try:
+        write_json_atomic(_cache_entry(settings, info["sha256"]), info)
+    except OSError as exc:  # a read-only home only costs the next run a model check
+        log.warning("cannot cache the model info under %s: %s", settings.model_info_cache, exc)
+
+
+def _load_in_child(model_path: Path | None, settings: Settings) -> dict[str, Any]:
+    """Load the model in a fresh CPU-only process and return its ``ModelInfo`` as a dict."""
     args = [str(model_path)] if model_path else [str(settings.reference_model_path), "--create-reference"]
     try:
         proc = subprocess.run(

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from cnn_features import plan
 from cnn_features.config import load_settings
 from cnn_features.errors import InvalidConf, ModelError, OutputConflict
 from cnn_features.plan import DatasetIO, check_model, claim_output, plan_dataset, validate_conf
@@ -113,3 +115,42 @@ def test_output_of_another_model_is_refused(tmp_path: Path) -> None:
     claim_output(io, {"sha256": "a" * 64, "feature_dim": 256, "path": "/m/a.keras"})
     with pytest.raises(OutputConflict, match="holds features of model /m/a.keras"):
         claim_output(io, {"sha256": "b" * 64, "feature_dim": 256, "path": "/m/b.keras"})
+
+
+def test_a_checked_model_is_not_loaded_again(home: Path, reference_model: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model file checked before (same SHA-256, same Keras) is described from the cache, no process started."""
+    def no_child(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the model check process was started")
+
+    monkeypatch.setattr(plan.subprocess, "run", no_child)
+    assert check_model(None, load_settings()) == reference_model
+    copy = home / "copy.keras"
+    shutil.copyfile(reference_model["path"], copy)
+    assert check_model(copy, load_settings()) == {**reference_model, "path": str(copy)}
+
+
+def test_a_changed_or_misnamed_model_is_checked_again(home: Path, reference_model: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """New bytes, a file that is not .keras, or an unreadable cache entry each start the check process."""
+    started: list[list[str]] = []
+    real_run = plan.subprocess.run
+
+    def counting_run(cmd: list[str], **kwargs: Any) -> Any:
+        started.append(cmd)
+        return real_run(cmd, **kwargs)
+
+    monkeypatch.setattr(plan.subprocess, "run", counting_run)
+    renamed = home / "model.bin"
+    shutil.copyfile(reference_model["path"], renamed)
+    with pytest.raises(ModelError, match="expected a .keras file"):
+        check_model(renamed, load_settings())
+    assert len(started) == 1
+    changed = home / "changed.keras"
+    changed.write_bytes(Path(reference_model["path"]).read_bytes()[:-100])
+    with pytest.raises(ModelError, match="cannot be loaded in safe mode"):
+        check_model(changed, load_settings())
+    assert len(started) == 2
+    (entry,) = load_settings().model_info_cache.glob(f"{reference_model['sha256']}-*.json")
+    entry.write_text("{not json")
+    assert check_model(None, load_settings()) == reference_model
+    assert len(started) == 3
+    assert json.loads(entry.read_text()) == reference_model
