@@ -51,18 +51,6 @@ class Header:
         return self.dtype.itemsize * math.prod(self.shape)
 
 
-def resolve_inside(root: Path, relpath: str) -> Path:
-    """Return ``root/relpath``, refusing anything that resolves outside ``root``.
-
-    Catches ``..`` components and symlinks (of the file or any folder on the
-    way) that point out of the dataset.
-    """
-    root_real = root.resolve()
-    path = root / relpath
-    _check_inside(str(path.resolve()), root_real, relpath)
-    return path
-
-
 def _check_inside(real: str, root_real: Path, name: str) -> None:
     root = str(root_real)
     if real != root and not real.startswith(root if root.endswith(os.sep) else root + os.sep):
