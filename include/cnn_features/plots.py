@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from cnn_features.storage import temp_path
+from cnn_features.storage import read_feature, temp_path
 from cnn_features.verify import MANIFEST_NAME
 
 log = logging.getLogger(__name__)
@@ -77,10 +77,18 @@ def load_features(output: Path, *, limit: int = MAX_POINTS) -> tuple[np.ndarray,
     items: list[dict[str, Any]] = manifest.get("items", [])
     if len(items) > limit:
         items = sorted(items, key=lambda item: zlib.crc32(item["feature"].encode()))[:limit]
-    vectors = [np.load(output / item["feature"], allow_pickle=False) for item in items]
+    feature_dim = int(manifest.get("feature_dim", 0))
+    vectors, emotions = [], []
+    for item in items:
+        vector, problem = read_feature(output / item["feature"], feature_dim=feature_dim)
+        if problem is not None:
+            msg = f"{output / item['feature']}: feature file {problem}"
+            raise ValueError(msg)
+        vectors.append(vector)
+        emotions.append(str(item["emotion"]))
     if not vectors:
-        return np.zeros((0, int(manifest.get("feature_dim", 0))), dtype=np.float32), []
-    return np.stack(vectors), [str(item["emotion"]) for item in items]
+        return np.zeros((0, feature_dim), dtype=np.float32), []
+    return np.stack(vectors), emotions
 
 
 def _save(fig: Any, path: Path) -> Path:

@@ -134,7 +134,12 @@ def remove_stale_temps(folder: Path, final_names: set[str]) -> int:
 
 
 def check_feature_file(path: Path, *, feature_dim: int) -> str | None:
-    """Return why ``path`` is not a valid feature vector, or None if it is.
+    """Return why ``path`` is not a valid feature vector, or None if it is."""
+    return read_feature(path, feature_dim=feature_dim)[1]
+
+
+def read_feature(path: Path, *, feature_dim: int) -> tuple[np.ndarray | None, str | None]:
+    """Return a feature vector and None, or None and why ``path`` is not a valid one.
 
     A file laid out exactly as ``save_npy_atomic`` writes it is checked from
     one read; anything else goes through ``np.load`` to say what is wrong.
@@ -145,27 +150,26 @@ def check_feature_file(path: Path, *, feature_dim: int) -> str | None:
         with open(path, "rb") as fh:
             data = fh.read(size + 1)
     except FileNotFoundError:
-        return "missing"
+        return None, "missing"
     except OSError as exc:
-        return f"unreadable ({exc})"
+        return None, f"unreadable ({exc})"
     if len(data) == size and data.startswith(header):
-        if np.isfinite(np.frombuffer(data, dtype=_FEATURE_DTYPE, offset=len(header))).all():
-            return None
-        return "non-finite values"
+        vector = np.frombuffer(data, dtype=_FEATURE_DTYPE, offset=len(header))
+        return (vector, None) if np.isfinite(vector).all() else (None, "non-finite values")
     return _feature_problem(path, feature_dim)
 
 
-def _feature_problem(path: Path, feature_dim: int) -> str | None:
+def _feature_problem(path: Path, feature_dim: int) -> tuple[np.ndarray | None, str | None]:
     try:
         array = np.load(path, allow_pickle=False)
     except FileNotFoundError:
-        return "missing"
+        return None, "missing"
     except (ValueError, EOFError, OSError) as exc:
-        return f"unreadable ({exc})"
+        return None, f"unreadable ({exc})"
     if array.dtype != _FEATURE_DTYPE:
-        return f"dtype {array.dtype}, expected float32"
+        return None, f"dtype {array.dtype}, expected float32"
     if array.shape != (feature_dim,):
-        return f"shape {array.shape}, expected ({feature_dim},)"
+        return None, f"shape {array.shape}, expected ({feature_dim},)"
     if not np.isfinite(array).all():
-        return "non-finite values"
-    return None
+        return None, "non-finite values"
+    return array, None
