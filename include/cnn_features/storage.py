@@ -15,6 +15,8 @@ import numpy as np
 
 # Marker in temporary names; a file holding it is never a finished output.
 TMP_MARKER = ".tmp-"
+# Linux's flag for a file created without a name (None where there is none).
+_O_TMPFILE: int | None = getattr(os, "O_TMPFILE", None)
 # Feature vectors are stored as native float32, as the model computes them.
 _FEATURE_DTYPE = np.dtype(np.float32)
 
@@ -42,25 +44,82 @@ def _commit(tmp: Path, final: Path) -> None:
 
 
 def _write_all(path: Path, data: bytes) -> None:
-    """Create ``path`` holding exactly ``data``, or raise OSError.
+    """Create ``path`` holding exactly ``data``, or raise OSError."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        _write_fd(fd, data, path)
+    finally:
+        os.close(fd)
+
+
+def _write_fd(fd: int, data: bytes, path: Path) -> None:
+    """Write all of ``data`` to the new file ``fd``, or raise OSError.
 
     Checks every ``write`` and the final size: numpy's own writer hands the
     data to C stdio, which can silently keep a short write (a file-size limit,
     a full disk) and leave a truncated file that looks written.
     """
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            written = os.write(fd, view)
-            if written <= 0:
-                raise OSError(errno.EIO, f"write to {path} made no progress")
-            view = view[written:]
-        size = os.fstat(fd).st_size
-    finally:
-        os.close(fd)
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        if written <= 0:
+            raise OSError(errno.EIO, f"write to {path} made no progress")
+        view = view[written:]
+    size = os.fstat(fd).st_size
     if size != len(data):
         raise OSError(errno.EIO, f"{path}: {size} bytes on disk after writing {len(data)}")
+
+
+def _link_unnamed(final: Path, data: bytes) -> bool:
+    """Write ``data`` into a nameless file in ``final``'s folder, then link it in as ``final``.
+
+    The file has no name until it is complete, so a crash leaves nothing
+    behind, and it costs about 40 % less kernel time than a named temporary
+    plus a rename (docs/benchmarks.md). Returns False, having changed nothing,
+    where that cannot be done: ``final`` exists, or the system has no
+    ``O_TMPFILE`` or ``/proc``. Raises OSError when the data cannot be written.
+    """
+    if _O_TMPFILE is None:
+        return False
+    try:
+        folder = os.open(final.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:  # the named route reports what is wrong
+        return False
+    try:
+        try:
+            fd = os.open(".", _O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o644, dir_fd=folder)
+        except OSError:  # not supported by this file system
+            return False
+        try:
+            _write_fd(fd, data, final)
+            try:
+                # dst_dir_fd makes Python call linkat(), which can follow the /proc link.
+                os.link(f"/proc/self/fd/{fd}", final.name, dst_dir_fd=folder, follow_symlinks=True)
+            except OSError:  # final exists (it is replaced by a rename instead), or no /proc
+                return False
+        finally:
+            os.close(fd)
+    finally:
+        os.close(folder)
+    return True
+
+
+def write_atomic(final: Path, data: bytes) -> None:
+    """Make ``final`` hold exactly ``data``: a crash at any point leaves the previous file or the new one, never half.
+
+    A new file is written nameless and linked in place (``_link_unnamed``);
+    otherwise through a temporary name and a rename, and a failed write
+    removes its temporary file.
+    """
+    if _link_unnamed(final, data):
+        return
+    tmp = temp_path(final)
+    try:
+        _write_all(tmp, data)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _commit(tmp, final)
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -85,32 +144,14 @@ def npy_header(descr: str, shape: tuple[int, ...]) -> bytes:
 
 
 def save_npy_atomic(final: Path, array: np.ndarray) -> None:
-    """Write ``array`` to ``final`` through a temporary file and a rename.
-
-    A crash at any point leaves either the previous file or the new one, never
-    half of one; a failed write removes its temporary file.
-    """
-    data = npy_bytes(array)
-    tmp = temp_path(final)
-    try:
-        _write_all(tmp, data)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _commit(tmp, final)
+    """Write ``array`` to ``final`` as ``.npy``, atomically (``write_atomic``)."""
+    write_atomic(final, npy_bytes(array))
 
 
 def write_json_atomic(final: Path, payload: Any) -> None:
     """Write ``payload`` as indented JSON to ``final`` atomically."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    data = (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode("utf-8")
-    tmp = temp_path(final)
-    try:
-        _write_all(tmp, data)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _commit(tmp, final)
+    write_atomic(final, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode("utf-8"))
 
 
 def remove_stale_temps(folder: Path, final_names: set[str]) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -125,3 +126,38 @@ def test_feature_files_not_written_by_us_are_still_judged(tmp_path: Path) -> Non
     assert storage.check_feature_file(tmp_path / "cut.npy", feature_dim=8).startswith("unreadable")
     np.save(tmp_path / "swapped.npy", np.ones(8, dtype=">f4"))
     assert "dtype >f4" in storage.check_feature_file(tmp_path / "swapped.npy", feature_dim=8)
+
+
+def _has_unnamed_files(folder: Path) -> bool:
+    try:
+        fd = os.open(folder, os.O_TMPFILE | os.O_WRONLY)
+    except (AttributeError, OSError):
+        return False
+    os.close(fd)
+    return True
+
+
+def test_a_new_file_appears_without_a_rename(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new output is written nameless and linked in whole: no temporary name, no rename."""
+    if not _has_unnamed_files(tmp_path):
+        pytest.skip("this file system has no O_TMPFILE; the rename route is tested elsewhere")
+
+    def no_rename(*args: object) -> None:
+        raise AssertionError("renamed a temporary into place")
+
+    monkeypatch.setattr(os, "replace", no_rename)
+    storage.save_npy_atomic(tmp_path / "f.npy", np.arange(4, dtype=np.float32))
+    np.testing.assert_array_equal(np.load(tmp_path / "f.npy"), np.arange(4, dtype=np.float32))
+    assert os.listdir(tmp_path) == ["f.npy"]
+
+
+def test_an_existing_file_is_replaced_and_the_named_route_still_works(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Overwriting replaces the old file whole; without O_TMPFILE every write takes the temporary-and-rename route."""
+    final = tmp_path / "f.json"
+    storage.write_json_atomic(final, {"v": 1})
+    storage.write_json_atomic(final, {"v": 2})
+    assert json.loads(final.read_text()) == {"v": 2}
+    monkeypatch.setattr(storage, "_O_TMPFILE", None)
+    storage.save_npy_atomic(tmp_path / "g.npy", np.ones(3, dtype=np.float32))
+    np.testing.assert_array_equal(np.load(tmp_path / "g.npy"), np.ones(3, dtype=np.float32))
+    assert sorted(os.listdir(tmp_path)) == ["f.json", "g.npy"]
