@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -18,12 +19,13 @@ import queue
 import resource
 import signal
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -52,6 +54,8 @@ PREFETCH_PASSES = 3
 _JOIN_TIMEOUT_S = 30.0
 # Seconds between progress lines: often enough to watch, rare enough to read.
 PROGRESS_EVERY_S = 2.0
+# Seconds between tries for a busy CPU slot: negligible next to a shard.
+_SLOT_POLL_S = 0.05
 
 
 class GpuInitError(RuntimeError):
@@ -167,6 +171,59 @@ def pass_size(frames: int, *, batch_size: int, device: str) -> int:
     if device != "cpu":
         return batch_size
     return max(1, min(batch_size, CPU_PASS_FRAMES // max(frames, 1)))
+
+
+@contextlib.contextmanager
+def cpu_slot(streams: int, shard_id: str) -> Iterator[None]:
+    """Hold one of this machine's CPU slots: usable cores // ``streams``, at least one.
+
+    A CPU worker's passes keep ``streams`` cores busy; more workers than slots
+    would only share the same cores (and their caches). Two shards started
+    together on two cores so load TensorFlow side by side, then run one after
+    the other: the second start-up hides behind the first shard's work. Slots
+    are ``flock`` locks in a per-user folder of the temporary directory, shared
+    by every deployment on the machine; the kernel frees a dead worker's slot.
+    """
+    slots = max(1, len(os.sched_getaffinity(0)) // max(1, streams))
+    folder = Path(tempfile.gettempdir()) / f"cnn-features-{os.getuid()}"
+    handles: list[IO[str]] = []
+    try:
+        folder.mkdir(mode=0o700, exist_ok=True)
+        handles += [open(folder / f"cpu-slot-{i}.lock", "a+", encoding="utf-8") for i in range(slots)]  # noqa: SIM115 - closed below
+    except OSError as exc:
+        for handle in handles:
+            handle.close()
+        log.warning("shard %s: no CPU slot lock in %s (%s); running without one", shard_id, folder, exc)
+        yield
+        return
+    try:
+        held = _take_slot(handles, shard_id)
+        held.seek(0)
+        held.truncate()
+        held.write(f"shard {shard_id}, pid {os.getpid()}\n")
+        held.flush()
+        yield
+    finally:
+        for handle in handles:
+            handle.close()  # closing drops the lock
+
+
+def _take_slot(handles: list[IO[str]], shard_id: str) -> IO[str]:
+    waiting_since: float | None = None
+    while True:
+        for handle in handles:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue
+            if waiting_since is not None:
+                log.info("shard %s: got a CPU slot after %.1f s", shard_id, time.monotonic() - waiting_since)
+            return handle
+        if waiting_since is None:
+            waiting_since = time.monotonic()
+            handles[0].seek(0)
+            log.info("shard %s: every CPU slot is busy (%s); waiting", shard_id, handles[0].read().strip() or "another worker")
+        time.sleep(_SLOT_POLL_S)
 
 
 def cpu_streams(configured: int) -> int:
@@ -297,26 +354,58 @@ def _load_predictor(info: dict[str, Any], device: str, streams: int) -> Callable
 def extract(spec: dict[str, Any], device: str) -> dict[str, Any]:
     """Extract every pending file of the shard; return the shard's result.
 
-    The shard's files are checked (headers, existing outputs) on a thread while
-    TensorFlow loads; then ``streams`` threads run forward passes while this
-    thread loads the next passes and writes each feature atomically.
+    The shard's files are checked (headers, existing outputs), TensorFlow and
+    the model are loaded, and a CPU worker then waits for a CPU slot
+    (``cpu_slot``): its start-up overlaps another shard's passes instead of
+    competing with them. Then ``streams`` threads run forward passes while
+    this thread loads the next passes and writes each feature atomically.
     """
     info = spec["model"]
-    output_root = Path(spec["output"])
-    batch_size = int(spec["batch_size"])
     streams = cpu_streams(load_settings().cpu_threads) if device == "cpu" else 1
-    die_after = faults.count_arg("die_after")
-    if device == "gpu" and die_after is None:
-        die_after = faults.count_arg("gpu_die_after")
-    pause_s = float(faults.active().get("slow") or 0.0)
-
     tally = Tally(total=len(spec["files"]))
     _prepare_outputs(spec)
     todo = _pending(spec, info, tally)
     predictor = _load_predictor(info, device, streams)
-    log.info("shard %s: %d files to extract on %s, %d pass(es) at once", spec["shard_id"], len(todo), device.upper(), streams)
-    tally.started = time.monotonic()
     tally.progress(device, force=True)
+    with contextlib.ExitStack() as held:
+        waited = time.monotonic()
+        if device == "cpu" and todo:
+            held.enter_context(cpu_slot(streams, spec["shard_id"]))
+        waited = time.monotonic() - waited
+        log.info("shard %s: %d files to extract on %s, %d pass(es) at once", spec["shard_id"], len(todo), device.upper(), streams)
+        tally.started = time.monotonic()
+        _extract_pending(spec, info, todo, predictor, tally, device=device, streams=streams)
+    elapsed = time.monotonic() - tally.started
+    return {
+        "status": "ok",
+        "device": device,
+        "files_total": tally.total,
+        "extracted": tally.extracted,
+        "skipped_existing": tally.skipped,
+        "bad": tally.bad,
+        "elapsed_s": round(elapsed, 3),
+        "waited_for_cpu_s": round(waited, 3),
+        "files_per_s": round(tally.rate(), 2),
+    }
+
+
+def _extract_pending(
+    spec: dict[str, Any],
+    info: dict[str, Any],
+    todo: list[tuple[tuple[int, int], str]],
+    predictor: Callable[[np.ndarray], np.ndarray],
+    tally: Tally,
+    *,
+    device: str,
+    streams: int,
+) -> None:
+    """Run every pending file through the model and write its feature; count everything in ``tally``."""
+    output_root = Path(spec["output"])
+    batch_size = int(spec["batch_size"])
+    die_after = faults.count_arg("die_after")
+    if device == "gpu" and die_after is None:
+        die_after = faults.count_arg("gpu_die_after")
+    pause_s = float(faults.active().get("slow") or 0.0)
 
     def size(frames: int) -> int:
         return pass_size(frames, batch_size=batch_size, device=device)
@@ -338,17 +427,6 @@ def extract(spec: dict[str, Any], device: str) -> dict[str, Any]:
                 time.sleep(pause_s)
             tally.progress(device)
     tally.progress(device, force=True)
-    elapsed = time.monotonic() - tally.started
-    return {
-        "status": "ok",
-        "device": device,
-        "files_total": tally.total,
-        "extracted": tally.extracted,
-        "skipped_existing": tally.skipped,
-        "bad": tally.bad,
-        "elapsed_s": round(elapsed, 3),
-        "files_per_s": round(tally.rate(), 2),
-    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +20,7 @@ from cnn_features.errors import InvalidSpectrogram  # noqa: E402
 from cnn_features.model import inference_model, load_feature_model, make_predictor, predict  # noqa: E402
 from cnn_features.plan import DatasetIO, plan_dataset  # noqa: E402
 from cnn_features.runner import run_shard  # noqa: E402
-from cnn_features.worker import CPU_PASS_FRAMES, Pass, _results, cpu_streams, pass_size  # noqa: E402
+from cnn_features.worker import CPU_PASS_FRAMES, Pass, _results, cpu_slot, cpu_streams, pass_size  # noqa: E402
 from tests.conftest import make_ravdess, tiny_spectrogram  # noqa: E402
 
 NO_GPU = {"usable": False, "error": "no GPU in tests"}
@@ -129,3 +133,49 @@ def test_one_thread_and_many_threads_write_the_same_features(
     assert features["1"].keys() == features["3"].keys() and len(features["1"]) == 12
     for rel, vector in features["1"].items():
         np.testing.assert_allclose(features["3"][rel], vector, rtol=0, atol=1e-5)
+
+
+HOLD_SLOT = (
+    "import sys, time\n"
+    "from cnn_features.worker import cpu_slot\n"
+    "with cpu_slot(int(sys.argv[1]), 'holder'):\n"
+    "    print('held', flush=True)\n"
+    "    time.sleep(600)\n"
+)
+
+
+def test_a_cpu_worker_waits_for_a_free_slot_and_gets_a_dead_holders_slot() -> None:
+    """With every core taken by one worker's passes, a second waits; killing the first frees its slot at once."""
+    cores = len(os.sched_getaffinity(0))
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_SLOT, str(cores)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        acquired = threading.Event()
+
+        def take() -> None:
+            with cpu_slot(cores, "waiter"):
+                acquired.set()
+
+        waiter = threading.Thread(target=take)
+        waiter.start()
+        assert not acquired.wait(1.0), "got a slot while the only one was held"
+        holder.kill()
+        assert acquired.wait(5.0), "the dead holder's slot was not freed"
+        waiter.join()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two usable cores for two slots")
+def test_single_stream_workers_share_the_cores() -> None:
+    """Workers of one pass each get one slot per core: two hold slots at the same time."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_SLOT, "1"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        started = time.monotonic()
+        with cpu_slot(1, "second"):
+            assert time.monotonic() - started < 1.0
+    finally:
+        holder.kill()
+        holder.wait()
