@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -42,11 +43,15 @@ EXIT_OK = 0
 EXIT_GPU_INIT = 3
 EXIT_MODEL = 4
 EXIT_OUTPUT = 5
-# Spectrogram frames in one CPU forward pass (batch x frames): 4 clips of 256
-# frames. Larger passes spill the first conv block's activations out of the
-# cache: 4 x 256 frames ran at ~400 files/s, 16 x 256 at ~355 (2 cores,
-# docs/benchmarks.md). A clip longer than this runs alone.
-CPU_PASS_FRAMES = 1024
+# Spectrogram frames in one CPU forward pass (clips x frames), by the widest
+# vector unit oneDNN runs on. AVX-512 (a 2-core Xeon): 4 clips of 256 frames
+# ran at ~400 files/s, 16 at ~355: bigger passes spill the first block's
+# activations out of its 2 MB L2. AVX2 (a 2-core EPYC, 512 kB L2, 32 MB L3):
+# the whole stage ran ~3.5 % faster with passes of 16 than of 4, and one
+# clip alone ran at less than half its speed in a pass of two (oneDNN's
+# single-image kernels). A clip longer than this runs alone.
+CPU_PASS_FRAMES_AVX512 = 1024
+CPU_PASS_FRAMES = 4096
 # Passes queued per inference thread: enough that a thread never waits for
 # the next one, few enough that memory stays flat however big the shard.
 PREFETCH_PASSES = 3
@@ -166,11 +171,22 @@ def pass_size(frames: int, *, batch_size: int, device: str) -> int:
     """Return how many equal-shape inputs of ``frames`` frames go through the model at once.
 
     ``batch_size`` is the upper bound. On CPU a pass also stays within
-    ``CPU_PASS_FRAMES`` frames, so its activations stay in cache.
+    ``cpu_pass_frames()`` frames.
     """
     if device != "cpu":
         return batch_size
-    return max(1, min(batch_size, CPU_PASS_FRAMES // max(frames, 1)))
+    return max(1, min(batch_size, cpu_pass_frames() // max(frames, 1)))
+
+
+@functools.cache
+def cpu_pass_frames() -> int:
+    """Return the frames of one CPU pass on this machine: fewer where oneDNN runs AVX-512 kernels."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            flags = next((line.split(":", 1)[1].split() for line in fh if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    return CPU_PASS_FRAMES_AVX512 if "avx512f" in flags else CPU_PASS_FRAMES
 
 
 @contextlib.contextmanager

@@ -20,7 +20,16 @@ from cnn_features.errors import InvalidSpectrogram  # noqa: E402
 from cnn_features.model import inference_model, load_feature_model, make_predictor, predict  # noqa: E402
 from cnn_features.plan import DatasetIO, plan_dataset  # noqa: E402
 from cnn_features.runner import run_shard  # noqa: E402
-from cnn_features.worker import CPU_PASS_FRAMES, Pass, _results, cpu_slot, cpu_streams, pass_size  # noqa: E402
+from cnn_features.worker import (  # noqa: E402
+    CPU_PASS_FRAMES,
+    CPU_PASS_FRAMES_AVX512,
+    Pass,
+    _results,
+    cpu_pass_frames,
+    cpu_slot,
+    cpu_streams,
+    pass_size,
+)
 from tests.conftest import make_ravdess, tiny_spectrogram  # noqa: E402
 
 NO_GPU = {"usable": False, "error": "no GPU in tests"}
@@ -87,8 +96,9 @@ def test_folding_a_dense_model_with_trained_statistics(tmp_path: Path) -> None:
 
 
 def test_pass_size_bounds_cpu_passes_by_frames() -> None:
-    """On CPU a pass holds about CPU_PASS_FRAMES frames (at least one clip); on GPU the batch size rules."""
-    assert pass_size(256, batch_size=32, device="cpu") == CPU_PASS_FRAMES // 256
+    """On CPU a pass holds about cpu_pass_frames() frames (at least one clip); on GPU the batch size rules."""
+    assert cpu_pass_frames() in (CPU_PASS_FRAMES, CPU_PASS_FRAMES_AVX512)
+    assert pass_size(256, batch_size=32, device="cpu") == cpu_pass_frames() // 256
     assert pass_size(5000, batch_size=32, device="cpu") == 1
     assert pass_size(16, batch_size=8, device="cpu") == 8
     assert pass_size(256, batch_size=32, device="gpu") == 32
