@@ -30,6 +30,8 @@ FIGURES = (
     "naive_files_per_s",
     "dag_wall_s",
     "dag_gflops",
+    "dag_warmup_wall_s",
+    "dags_test_wall_s",
     "rss_1x_gib",
     "rss_4x_gib",
     "dag_parse_s",
@@ -46,7 +48,7 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         [sys.executable, str(SCRIPT), "--smoke", "--corpus", "fixed", "--root", str(root), "--json", str(out)],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
         check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -61,9 +63,10 @@ def test_smoke_run_measures_every_figure(report: dict[str, Any]) -> None:
     for name in FIGURES:
         assert isinstance(figures[name], int | float) and figures[name] > 0, name
     assert figures["files"] == 48 and figures["rss_files_1x"] == 48 and figures["rss_files_4x"] == 4 * 48
-    assert figures["dag_features_written"] == 48
+    assert figures["dag_features_written"] == 48 and figures["dags_test_features_written"] == 48
     assert figures["dag_parse_heavy_modules"] == []
-    assert {"probe_gpu", "plan_shards", "extract_shard", "verify_features"} <= set(figures["dag_tasks_s"])
+    for tasks in (figures["dag_tasks_s"], figures["dags_test_tasks_s"]):
+        assert {"probe_gpu", "plan_shards", "extract_shard", "verify_features", "trigger_training"} <= set(tasks)
     assert report["shared"]["blas"]["kernel"], "the BLAS kernel the limit ran on is reported"
 
 
@@ -81,7 +84,7 @@ def test_the_table_shows_every_ratio_and_target(report: dict[str, Any]) -> None:
     """The printed table carries the figures, the ratios and a met / NOT met line per target."""
     printed = report["stdout"]
     text = table(report["corpora"], report["shared"])
-    for line in ("stage / limit", "DAG / limit", "stage / naive", "peak RSS, 4x corpus", "target: >= 10x naive"):
+    for line in ("stage / limit", "DAG / limit", "running Airflow", "airflow dags test", "stage / naive", "peak RSS, 4x corpus", "target: >= 10x naive"):
         assert line in text and line in printed
 
 
@@ -89,7 +92,7 @@ def test_targets_follow_the_thresholds() -> None:
     """A stage at exactly 85 % of the limit meets its target; just below does not."""
     figures = {
         "limit_gflops": 100.0, "model_alone_gflops": 95.0, "stage_gflops": 100.0 * TARGET_STAGE_VS_LIMIT,
-        "dag_gflops": 100.0 * TARGET_DAG_VS_LIMIT - 1, "dag_wall_s": 10.0, "corpus_gflop": 600.0,
+        "dag_gflops": 100.0 * TARGET_DAG_VS_LIMIT - 1, "dag_wall_s": 10.0, "corpus_gflop": 600.0, "dags_test_gflops": 50.0,
         "stage_files_per_s": 300.0, "naive_files_per_s": 30.0, "rss_1x_gib": 1.0, "rss_4x_gib": 1.09,
         "dag_parse_s": 0.2, "dag_parse_heavy_modules": [],
     }
