@@ -62,7 +62,7 @@ from cnn_features.config import Settings, load_settings  # noqa: E402
 from cnn_features.datasets import DATASETS  # noqa: E402
 from cnn_features.plan import DatasetIO, RunConf, check_model, plan_run  # noqa: E402
 from cnn_features.procs import RESULT_PREFIX, child_env, parse_line, python_module_cmd  # noqa: E402
-from cnn_features.runner import SHARD_RESULTS_DIR, run_shard  # noqa: E402
+from cnn_features.runner import run_shard  # noqa: E402
 from cnn_features.spectrogram import read_header  # noqa: E402
 from cnn_features.storage import write_json_atomic  # noqa: E402
 

@@ -36,6 +36,7 @@ import httpx
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "scripts"))
 from airflow_local import (  # noqa: E402
+    FINISHED,
     RUN_TIMEOUT_S,
     AirflowApi,
     AirflowStack,
