@@ -55,6 +55,18 @@ def test_pca_finds_the_direction_of_largest_spread() -> None:
         pca_2d(np.zeros((1, 3)))
 
 
+def test_pca_agrees_with_the_svd_of_the_rows() -> None:
+    """Projection and explained variance match an SVD of the centred rows, up to each axis's sign."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((300, 16)) @ rng.standard_normal((16, 16))
+    points, explained = pca_2d(x)
+    centred = x - x.mean(axis=0)
+    _, singular, vt = np.linalg.svd(centred, full_matrices=False)
+    expected = centred @ vt[:2].T
+    assert np.allclose(np.abs(points), np.abs(expected), atol=1e-8)
+    assert np.allclose(explained, singular[:2] ** 2 / (singular**2).sum())
+
+
 def test_load_features_subsamples_the_same_files_every_time(tmp_path: Path) -> None:
     """Over the limit, the same hashed subset of the manifest is loaded each time, with its emotions."""
     out = make_output(tmp_path / "ravdess", ["angry", "calm"], per_emotion=10)
