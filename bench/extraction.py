@@ -13,7 +13,9 @@ One run, on one machine, measures (README: docs/benchmarks.md):
 4. the extraction stage as the DAG runs it: every shard of the default plan
    through ``runner.run_shard`` (load -> batch -> infer -> atomic write);
 5. the naive baseline: one ``model.predict(x[None])`` per file, on a sample;
-6. the whole DAG end to end (``airflow dags test``), start-up included;
+6. the whole DAG end to end on a running Airflow (the four services of
+   ``scripts/airflow.sh``, SQLite, LocalExecutor), triggered over REST as the
+   UI does, start-up included; ``airflow dags test`` beside it for reference;
 7. peak RSS of one extraction process over 1x and 4x the corpus;
 8. DAG file parse time as the DAG processor pays it (Airflow and its parsing
    modules already imported), and with only ``airflow.sdk`` imported;
