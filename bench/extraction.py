@@ -24,7 +24,7 @@ then prints a table of figures and target ratios and writes them as JSON.
 
     .venv/bin/python bench/extraction.py                  # both corpora, 3 runs each
     .venv/bin/python bench/extraction.py --corpus fixed --runs 1
-    .venv/bin/python bench/extraction.py --smoke --root /tmp/b   # tiny, under a minute
+    .venv/bin/python bench/extraction.py --smoke --root /tmp/b   # tiny corpus, a few minutes (two Airflow starts)
 
 Internal sub-commands (``_matmul``, ``_model``, ``_naive``, ``_parse``) run
 in fresh processes so thread settings and imports never leak between figures.
@@ -73,7 +73,7 @@ from airflow_local import ADMIN_USER, AirflowApi, ServiceError, free_port, runni
 
 # The full corpora's sizes (demo.py generates the real layouts).
 FULL_COUNTS = {"ravdess": 1440, "crema_d": 7442}
-# Smoke corpus: a few dozen short clips, so the whole smoke run takes seconds.
+# Smoke corpus: a few dozen short clips: the smoke run is mostly Airflow start-ups.
 SMOKE_COUNTS = {"ravdess": 24, "crema_d": 24}
 SMOKE_FRAMES = 64
 # Frames of every clip in the headline (fixed-size) corpus.
