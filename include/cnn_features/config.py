@@ -21,10 +21,11 @@ DEFAULT_SHARD_SIZE = 10_000
 # Inputs per forward pass; equal-shape groups are split into batches of this size.
 DEFAULT_BATCH_SIZE = 32
 # Shards of one run that execute at once. A worker's first ~3 s are its
-# TensorFlow import on one core; a second worker keeps the other core busy
-# meanwhile. Two workers on two cores ran the full demo corpus (7,442 + 1,440
-# clips) in 53-55 s against 59-60 s one after the other (docs/benchmarks.md);
-# their passes share the cores without losing throughput.
+# TensorFlow import on one core; with two shards at once the next one imports
+# while the current one computes, and CPU workers then take turns on the
+# cores (worker.cpu_slot). Both workers of the full demo corpus (7,442 + 1,440
+# clips) took 56.6 s this way against 60.4 s one after the other
+# (docs/benchmarks.md).
 DEFAULT_SHARD_CONCURRENCY = 2
 # Forward passes a CPU shard worker runs side by side, one single-threaded pass
 # per core; 0 means one per core this process may run on. Measured on 2 cores:

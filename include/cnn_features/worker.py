@@ -195,7 +195,7 @@ def cpu_slot(streams: int, shard_id: str) -> Iterator[None]:
 
     A CPU worker's passes keep ``streams`` cores busy; more workers than slots
     would only share the same cores (and their caches). Two shards started
-    together on two cores so load TensorFlow side by side, then run one after
+    together on two cores load TensorFlow side by side, then run one after
     the other: the second start-up hides behind the first shard's work. Slots
     are ``flock`` locks in a per-user folder of the temporary directory, shared
     by every deployment on the machine; the kernel frees a dead worker's slot.
