@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import os
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -46,7 +45,7 @@ with _hidden("matplotlib"):
 
 from cnn_features.errors import ModelError
 from cnn_features.procs import RESULT_PREFIX, die_with_parent, emit
-from cnn_features.storage import TMP_MARKER, file_sha256
+from cnn_features.storage import file_sha256, save_with
 
 # Mel bins of the reference extractor's input (the demo corpus and the usual
 # log-mel front end for speech emotion).
@@ -120,12 +119,7 @@ def ensure_reference_model(path: Path) -> Path:
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}{TMP_MARKER}{os.getpid()}.keras")
-    try:
-        build_reference_model().save(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    save_with(path, build_reference_model().save)
     return path
 
 

@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +117,24 @@ def write_atomic(final: Path, data: bytes) -> None:
     tmp = temp_path(final)
     try:
         _write_all(tmp, data)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _commit(tmp, final)
+
+
+def save_with(final: Path, save: Callable[[Path], object]) -> None:
+    """Have ``save`` write a temporary file beside ``final``, then rename it into place.
+
+    For writers that only take a path, such as ``keras.Model.save`` (the
+    temporary keeps ``final``'s suffix, which Keras requires). A crash leaves
+    the previous file or the new one, never half; a failed save removes its
+    temporary file.
+    """
+    tmp = temp_path(final)
+    tmp = tmp.with_name(tmp.name + final.suffix)
+    try:
+        save(tmp)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -23,6 +23,7 @@ from cnn_features.datasets import get_dataset
 from cnn_features.errors import CnnFeaturesError, InvalidConf
 from cnn_features.plan import allowed_roots, checked_path
 from cnn_features.procs import RESULT_PREFIX, child_env, die_with_parent, emit, parse_line, python_module_cmd
+from cnn_features.storage import save_with, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -117,11 +118,7 @@ def train(manifest_path: Path, *, epochs: int = DEFAULT_EPOCHS) -> dict[str, Any
     }
     out_dir = manifest_path.parent / TRAINING_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
-    from cnn_features.storage import TMP_MARKER, write_json_atomic
-
-    tmp = out_dir / f".{MODEL_NAME}{TMP_MARKER}.keras"
-    model.save(tmp)
-    tmp.replace(out_dir / MODEL_NAME)
+    save_with(out_dir / MODEL_NAME, model.save)
     metrics["model"] = str(out_dir / MODEL_NAME)
     write_json_atomic(out_dir / METRICS_NAME, metrics)
     return metrics

@@ -161,3 +161,27 @@ def test_an_existing_file_is_replaced_and_the_named_route_still_works(tmp_path: 
     storage.save_npy_atomic(tmp_path / "g.npy", np.ones(3, dtype=np.float32))
     np.testing.assert_array_equal(np.load(tmp_path / "g.npy"), np.ones(3, dtype=np.float32))
     assert sorted(os.listdir(tmp_path)) == ["f.json", "g.npy"]
+
+
+def test_save_with_renames_a_complete_file_and_cleans_up_a_failed_one(tmp_path: Path) -> None:
+    """A path-taking writer gets a temporary with the final suffix; a failure keeps the old file and leaves no temporary."""
+    final = tmp_path / "model.keras"
+    seen: list[Path] = []
+
+    def save(path: Path) -> None:
+        seen.append(path)
+        path.write_bytes(b"new")
+
+    storage.save_with(final, save)
+    assert final.read_bytes() == b"new"
+    assert seen[0].suffix == ".keras" and seen[0].parent == tmp_path and seen[0] != final
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.keras"]
+
+    def fails(path: Path) -> None:
+        path.write_bytes(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        storage.save_with(final, fails)
+    assert final.read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.keras"]
