@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import zlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from cnn_features.storage import read_feature, temp_path
+from cnn_features.storage import read_feature, save_with
 from cnn_features.verify import MANIFEST_NAME
 
 log = logging.getLogger(__name__)
@@ -95,12 +94,7 @@ def load_features(output: Path, *, limit: int = MAX_POINTS) -> tuple[np.ndarray,
 def _save(fig: Any, path: Path) -> Path:
     """Save a figure as PNG through a temporary file and a rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(path)
-    try:
-        fig.savefig(tmp, format="png", dpi=DPI)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    save_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))
     return path
 
 

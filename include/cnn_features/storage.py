@@ -36,8 +36,10 @@ def temp_path(final: Path) -> Path:
     return final.with_name(f".{final.name}{TMP_MARKER}{os.getpid()}")
 
 
-def _commit(tmp: Path, final: Path) -> None:
+def _through_temp(final: Path, tmp: Path, save: Callable[[Path], object]) -> None:
+    """Have ``save`` write ``tmp``, then rename it to ``final``; remove ``tmp`` if either step fails."""
     try:
+        save(tmp)
         os.replace(tmp, final)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -112,15 +114,8 @@ def write_atomic(final: Path, data: bytes) -> None:
     otherwise through a temporary name and a rename, and a failed write
     removes its temporary file.
     """
-    if _link_unnamed(final, data):
-        return
-    tmp = temp_path(final)
-    try:
-        _write_all(tmp, data)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _commit(tmp, final)
+    if not _link_unnamed(final, data):
+        _through_temp(final, temp_path(final), lambda tmp: _write_all(tmp, data))
 
 
 def save_with(final: Path, save: Callable[[Path], object]) -> None:
@@ -132,13 +127,7 @@ def save_with(final: Path, save: Callable[[Path], object]) -> None:
     temporary file.
     """
     tmp = temp_path(final)
-    tmp = tmp.with_name(tmp.name + final.suffix)
-    try:
-        save(tmp)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _commit(tmp, final)
+    _through_temp(final, tmp.with_name(tmp.name + final.suffix), save)
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
