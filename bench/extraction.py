@@ -670,6 +670,18 @@ def median_of(runs: list[dict[str, Any]], key: str) -> float:
     return statistics.median(r[key] for r in runs)
 
 
+def dag_figures(prefix: str, runs: list[dict[str, Any]], *, gflop: float, files: int) -> dict[str, Any]:
+    """Return the median wall of whole-DAG runs, its rates, the median run's task times and the features written."""
+    wall = median_of(runs, "wall_s")
+    return {
+        f"{prefix}_wall_s": wall,
+        f"{prefix}_gflops": gflop / wall,
+        f"{prefix}_files_per_s": files / wall,
+        f"{prefix}_tasks_s": sorted(runs, key=lambda d: d["wall_s"])[len(runs) // 2]["tasks_s"],
+        f"{prefix}_features_written": runs[-1]["features"],
+    }
+
+
 def bench_corpus(name: str, home: Path, root: Path, args: argparse.Namespace, shared: dict[str, Any]) -> dict[str, Any]:
     """Measure one corpus: model alone, stage, naive, DAG and memory; return figures, ratios and targets."""
     settings = corpus_settings(home)
@@ -757,16 +769,9 @@ def bench_corpus(name: str, home: Path, root: Path, args: argparse.Namespace, sh
         "pass_size": alone["pass_size"],
     }
     if dags:
-        figures["dag_wall_s"] = median_of(dags, "wall_s")
-        figures["dag_gflops"] = gflop / figures["dag_wall_s"]
-        figures["dag_files_per_s"] = n_files / figures["dag_wall_s"]
-        figures["dag_tasks_s"] = sorted(dags, key=lambda d: d["wall_s"])[len(dags) // 2]["tasks_s"]
-        figures["dag_features_written"] = dags[-1]["features"]
+        figures |= dag_figures("dag", dags, gflop=gflop, files=n_files)
+        figures |= dag_figures("dags_test", dags_tests, gflop=gflop, files=n_files)
         figures["dag_warmup_wall_s"] = warmup_s
-        figures["dags_test_wall_s"] = median_of(dags_tests, "wall_s")
-        figures["dags_test_gflops"] = gflop / figures["dags_test_wall_s"]
-        figures["dags_test_tasks_s"] = sorted(dags_tests, key=lambda d: d["wall_s"])[len(dags_tests) // 2]["tasks_s"]
-        figures["dags_test_features_written"] = dags_tests[-1]["features"]
     return {"figures": figures, "runs": {"stage": stages, "dag": dags, "dags_test": dags_tests, "model_alone": alone_samples}}
 
 
