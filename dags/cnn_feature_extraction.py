@@ -23,6 +23,12 @@ instance (e.g. `ravdess 2/2`) from the grid, press *Clear* (Shift+C), keep
 *Downstream* selected and confirm. Only that shard re-runs, skipping the
 features it already wrote; verification and training follow.
 
+**S3:** any `input` or `output` may be an `s3://bucket/prefix` URI, in any
+mix with local folders. Keys come from the Airflow connection named by
+`aws_conn_id` (endpoint URL in its extra, as the Amazon provider keeps it), or
+boto3's default chain (environment, instance profile) when it is not defined;
+workers get them through their environment only.
+
 No TensorFlow is imported here or in any Airflow task process: CUDA state does
 not survive the `fork()` the task supervisor uses to start tasks.
 """
@@ -33,13 +39,20 @@ from datetime import timedelta
 from typing import Any
 
 from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
-from airflow.sdk import Asset, Param, dag, get_current_context, task
-from airflow.sdk.exceptions import AirflowFailException
+from airflow.sdk import Asset, Connection, Param, dag, get_current_context, task
+from airflow.sdk.exceptions import AirflowFailException, AirflowNotFoundException
 
 from cnn_features.config import load_settings
 
 SETTINGS = load_settings()
 FEATURES_ASSET = Asset(name="cnn_features", uri=SETTINGS.features_root.as_uri())
+
+
+def s3_access(params: dict[str, Any]) -> Any:
+    """Return the run's S3 settings from its ``aws_conn_id`` connection (boto3's default chain if undefined)."""
+    from cnn_features.s3 import resolve_access
+
+    return resolve_access(str(params["aws_conn_id"]), Connection.get, AirflowNotFoundException)
 
 
 @dag(
@@ -57,8 +70,9 @@ FEATURES_ASSET = Asset(name="cnn_features", uri=SETTINGS.features_root.as_uri())
             title="Datasets",
             description=(
                 "Each dataset's spectrogram folder and feature folder: "
-                '{"ravdess": {"input": "/abs/path", "output": "/abs/path"}, "crema_d": {...}}. '
-                "Absolute paths under the allowed roots (CNN_FEATURES_ALLOWED_ROOTS)."
+                '{"ravdess": {"input": "/abs/path", "output": "s3://bucket/features/ravdess"}, "crema_d": {...}}. '
+                "Absolute paths or s3://bucket/prefix URIs, in any mix, under the allowed roots "
+                "(CNN_FEATURES_ALLOWED_ROOTS)."
             ),
         ),
         "device": Param(
@@ -81,6 +95,15 @@ FEATURES_ASSET = Asset(name="cnn_features", uri=SETTINGS.features_root.as_uri())
             type=["null", "string"],
             title="Model (.keras)",
             description="Absolute path of your own feature model, loaded in safe mode; empty for the built-in reference CNN.",
+        ),
+        "aws_conn_id": Param(
+            "aws_default",
+            type="string",
+            minLength=1,
+            title="AWS connection",
+            description="Airflow connection with the S3 keys (login/password) and, for S3-compatible servers, "
+            "endpoint_url in its extra. Used only when a dataset is on S3; when it is not defined, boto3's "
+            "default chain applies (environment, instance profile).",
         ),
         "max_bad_fraction": Param(
             0.0,
@@ -109,10 +132,12 @@ def cnn_feature_extraction() -> None:
         from cnn_features.progress import run_folder, write_plan
 
         context = get_current_context()
+        params = dict(context["params"])
+        access = s3_access(params) if plan.uses_s3(params) else None
         try:
-            conf = plan.validate_conf(dict(context["params"]), SETTINGS)
+            conf = plan.validate_conf(params, SETTINGS, access=access)
             model = plan.check_model(conf.model_path, SETTINGS)
-            shards = plan.plan_run(conf, model, batch_size=SETTINGS.batch_size)
+            shards = plan.plan_run(conf, model, batch_size=SETTINGS.batch_size, settings=SETTINGS, access=access)
         except (InvalidConf, ModelError, OutputConflict) as exc:
             raise AirflowFailException(str(exc)) from None
         run_id = context["run_id"]
@@ -128,13 +153,16 @@ def cnn_feature_extraction() -> None:
         """Extract one shard in fresh worker processes, GPU first when chosen, CPU on failure."""
         from cnn_features.progress import run_folder
         from cnn_features.runner import run_shard
+        from cnn_features.s3 import is_s3
 
         context = get_current_context()
+        params = dict(context["params"])
         return run_shard(
             shard,
-            requested_device=context["params"]["device"],
+            requested_device=params["device"],
             probe=probe,
             progress_dir=run_folder(SETTINGS.progress_root, context["run_id"]),
+            access=s3_access(params) if is_s3(shard["input"]) or is_s3(shard["output"]) else None,
         )
 
     @task(retries=0, multiple_outputs=True)
@@ -146,15 +174,22 @@ def cnn_feature_extraction() -> None:
         from cnn_features.progress_report import PLOTS_DIR
         from cnn_features.verify import verify_run
 
+        from cnn_features.plan import uses_s3
+
         context = get_current_context()
-        fraction = float(context["params"]["max_bad_fraction"])
+        params = dict(context["params"])
+        access = s3_access(params) if uses_s3(params) else None
+        fraction = float(params["max_bad_fraction"])
         results = list(results)
         try:
-            return verify_run(shards, results, max_bad_fraction=fraction)
+            summary = verify_run(shards, results, max_bad_fraction=fraction, settings=SETTINGS, access=access)
+            summary["training_conf"]["aws_conn_id"] = params["aws_conn_id"]
+            return summary
         except VerificationFailed as exc:
             raise AirflowFailException(str(exc)) from None
         finally:
-            write_run_plots(run_folder(SETTINGS.progress_root, context["run_id"]) / PLOTS_DIR, shards, results)
+            plots = run_folder(SETTINGS.progress_root, context["run_id"]) / PLOTS_DIR
+            write_run_plots(plots, shards, results, settings=SETTINGS, access=access)
 
     probe = probe_gpu()
     shards = plan_shards()  # independent of the probe: the two may run side by side

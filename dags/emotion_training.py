@@ -17,12 +17,22 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from airflow.sdk import Param, dag, get_current_context, task
-from airflow.sdk.exceptions import AirflowFailException
+from airflow.sdk import Connection, Param, dag, get_current_context, task
+from airflow.sdk.exceptions import AirflowFailException, AirflowNotFoundException
 
 from cnn_features.config import load_settings
 
 SETTINGS = load_settings()
+
+
+def s3_access(params: dict[str, Any]) -> Any:
+    """Return the run's S3 settings, or None when no manifest is on S3."""
+    from cnn_features.plan import uses_s3
+    from cnn_features.s3 import resolve_access
+
+    if not uses_s3(params):
+        return None
+    return resolve_access(str(params["aws_conn_id"]), Connection.get, AirflowNotFoundException)
 
 
 @dag(
@@ -40,7 +50,16 @@ SETTINGS = load_settings()
             },
             type="object",
             title="Datasets",
-            description='Verified features per dataset: {"ravdess": {"features": "/abs", "manifest": "/abs/manifest.json"}}.',
+            description='Verified features per dataset: {"ravdess": {"features": "/abs", "manifest": "/abs/manifest.json"}}. '
+            "Paths or s3://bucket/prefix URIs.",
+        ),
+        "aws_conn_id": Param(
+            "aws_default",
+            type="string",
+            minLength=1,
+            title="AWS connection",
+            description="Airflow connection with S3 keys and endpoint_url (extra), used when features are on S3; "
+            "boto3's default chain when it is not defined.",
         ),
         "epochs": Param(150, type="integer", minimum=1, maximum=10_000, title="Epochs", description="Training epochs."),
     },
@@ -52,20 +71,19 @@ def emotion_training() -> None:
         from cnn_features.errors import InvalidConf
         from cnn_features.training import training_jobs
 
+        params = dict(get_current_context()["params"])
         try:
-            return training_jobs(dict(get_current_context()["params"]), SETTINGS)
+            return training_jobs(params, SETTINGS, access=s3_access(params))
         except InvalidConf as exc:
             raise AirflowFailException(str(exc)) from None
 
     @task(map_index_template="{{ task.op_kwargs['job']['dataset'] }}")
     def train_classifier(job: dict[str, str]) -> dict[str, Any]:
         """Train and evaluate one dataset's classifier in a fresh process."""
-        from pathlib import Path
-
         from cnn_features.training import run_training
 
-        epochs = int(get_current_context()["params"]["epochs"])
-        return run_training(Path(job["manifest"]), epochs=epochs)
+        params = dict(get_current_context()["params"])
+        return run_training(job["manifest"], epochs=int(params["epochs"]), access=s3_access(params))
 
     @task
     def report_metrics(metrics: list[dict[str, Any]]) -> dict[str, Any]:

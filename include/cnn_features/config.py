@@ -31,6 +31,20 @@ DEFAULT_SHARD_CONCURRENCY = 2
 # per core; 0 means one per core this process may run on. Measured on 2 cores:
 # 2 passes x 1 thread beat 1 pass x 2 threads by about 10 % (docs/benchmarks.md).
 DEFAULT_CPU_THREADS = 0
+# GETs (and PUTs) a shard keeps in flight on S3. On loopback one GET takes
+# ~2 ms; with 20 ms of latency per request, as cloud S3 answers, 8 in flight
+# still outpace the model on 2 cores (docs/benchmarks.md).
+DEFAULT_S3_CONCURRENCY = 16
+# botocore's retry mode and attempts (first try included): "standard" backs off
+# exponentially with jitter; "adaptive" also rate-limits the client on throttling.
+DEFAULT_S3_RETRY_MODE = "standard"
+DEFAULT_S3_MAX_ATTEMPTS = 4
+# Seconds to open a connection and to wait for a response. Every attempt pays
+# them, so a dead endpoint fails within about attempts x connect timeout plus
+# backoff, not botocore's default 60 s per try.
+DEFAULT_S3_CONNECT_TIMEOUT_S = 3.0
+DEFAULT_S3_READ_TIMEOUT_S = 30.0
+S3_RETRY_MODES = ("standard", "adaptive")
 
 
 class SettingsError(ValueError):
@@ -72,6 +86,16 @@ def _env_float(name: str, default: float, *, minimum: float) -> float:
     return value
 
 
+def _env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    if raw not in choices:
+        msg = f"{name}={raw!r}: expected one of {', '.join(choices)}"
+        raise SettingsError(msg)
+    return raw
+
+
 @dataclass(frozen=True)
 class Settings:
     """Where data lives and how the pipeline runs, for one deployment."""
@@ -82,6 +106,11 @@ class Settings:
     batch_size: int
     shard_concurrency: int
     cpu_threads: int = DEFAULT_CPU_THREADS
+    s3_concurrency: int = DEFAULT_S3_CONCURRENCY
+    s3_retry_mode: str = DEFAULT_S3_RETRY_MODE
+    s3_max_attempts: int = DEFAULT_S3_MAX_ATTEMPTS
+    s3_connect_timeout_s: float = DEFAULT_S3_CONNECT_TIMEOUT_S
+    s3_read_timeout_s: float = DEFAULT_S3_READ_TIMEOUT_S
 
     @property
     def demo_input_root(self) -> Path:
@@ -133,4 +162,11 @@ def load_settings() -> Settings:
             "CNN_FEATURES_SHARD_CONCURRENCY", DEFAULT_SHARD_CONCURRENCY, minimum=1
         ),
         cpu_threads=_env_int("CNN_FEATURES_CPU_THREADS", DEFAULT_CPU_THREADS, minimum=0),
+        s3_concurrency=_env_int("CNN_FEATURES_S3_CONCURRENCY", DEFAULT_S3_CONCURRENCY, minimum=1),
+        s3_retry_mode=_env_choice("CNN_FEATURES_S3_RETRY_MODE", DEFAULT_S3_RETRY_MODE, S3_RETRY_MODES),
+        s3_max_attempts=_env_int("CNN_FEATURES_S3_MAX_ATTEMPTS", DEFAULT_S3_MAX_ATTEMPTS, minimum=1),
+        s3_connect_timeout_s=_env_float(
+            "CNN_FEATURES_S3_CONNECT_TIMEOUT_S", DEFAULT_S3_CONNECT_TIMEOUT_S, minimum=0.1
+        ),
+        s3_read_timeout_s=_env_float("CNN_FEATURES_S3_READ_TIMEOUT_S", DEFAULT_S3_READ_TIMEOUT_S, minimum=0.1),
     )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -115,26 +114,6 @@ def get_dataset(name: str) -> DatasetSpec:
     except KeyError:
         msg = f"unknown dataset {name!r}; known: {', '.join(sorted(DATASETS))}"
         raise InvalidInput(msg) from None
-
-
-def list_files(root: Path) -> list[str]:
-    """List every file under ``root`` as sorted POSIX paths relative to it.
-
-    Hidden files and folders (a leading dot) are left out: they are editor,
-    OS or our own temporary files, never clips. Symlinks are listed, not
-    followed into; whether they stay inside the root is checked when loaded.
-    """
-    if not root.is_dir():
-        msg = f"{root}: input folder does not exist or is not a folder"
-        raise InvalidInput(msg)
-    found: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        rel_dir = Path(dirpath).relative_to(root)
-        found.extend(
-            (rel_dir / name).as_posix() for name in filenames if not name.startswith(".")
-        )
-    return sorted(found)
 
 
 def label_all(spec: DatasetSpec, relpaths: list[str]) -> tuple[dict[str, ClipLabel], dict[str, str]]:

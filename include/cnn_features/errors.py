@@ -33,3 +33,11 @@ class OutputConflict(CnnFeaturesError):
 
 class VerificationFailed(CnnFeaturesError):
     """Features are missing or invalid; the message lists every problem."""
+
+
+class StoreError(CnnFeaturesError):
+    """A store could not be read or written (S3 unreachable, keys refused); names what and where, never a secret."""
+
+
+class StoreMissing(StoreError):
+    """An object or bucket asked for is not there."""

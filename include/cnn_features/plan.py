@@ -16,10 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from cnn_features.config import Settings
-from cnn_features.datasets import get_dataset, label_all, list_files
-from cnn_features.errors import InvalidConf, InvalidInput, ModelError, OutputConflict
+from cnn_features.datasets import get_dataset, label_all
+from cnn_features.errors import InvalidConf, InvalidInput, ModelError, OutputConflict, StoreError, StoreMissing
 from cnn_features.procs import RESULT_PREFIX, child_env, parse_line, python_module_cmd
+from cnn_features.s3 import S3Access, S3Location, S3Store, check_reachable, is_s3, parse_s3_uri, unsafe_key_reason
 from cnn_features.storage import file_sha256, write_json_atomic
+from cnn_features.stores import Location, open_store
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +39,11 @@ _MODEL_INFO_KEYS = frozenset({"path", "sha256", "n_mels", "frames", "channel_axi
 
 @dataclass(frozen=True)
 class DatasetIO:
-    """One dataset's input and output folders, validated."""
+    """One dataset's input and output: local folders or S3 prefixes, validated."""
 
     name: str
-    input: Path
-    output: Path
+    input: Location
+    output: Location
 
 
 @dataclass(frozen=True)
@@ -55,44 +57,99 @@ class RunConf:
     max_bad_fraction: float
 
 
-def allowed_roots(settings: Settings) -> tuple[Path, ...]:
-    """Return the folders run-conf paths must lie in (``CNN_FEATURES_ALLOWED_ROOTS``)."""
+def allowed_roots(settings: Settings) -> tuple[Location, ...]:
+    """Return the folders and S3 prefixes run-conf locations must lie in (``CNN_FEATURES_ALLOWED_ROOTS``).
+
+    Entries are separated by ``:`` (an ``s3://`` entry's own colon included).
+    """
     raw = os.environ.get("CNN_FEATURES_ALLOWED_ROOTS", "")
-    roots = [Path(p).expanduser() for p in raw.split(os.pathsep) if p.strip()]
-    return tuple(p.resolve() for p in (roots or [settings.home]))
+    roots: list[Location] = []
+    for entry in _split_roots(raw):
+        if is_s3(entry):
+            roots.append(parse_s3_uri("CNN_FEATURES_ALLOWED_ROOTS", entry))
+        else:
+            roots.append(Path(entry).expanduser().resolve())
+    return tuple(roots) if roots else (settings.home,)
+
+
+def _split_roots(raw: str) -> list[str]:
+    """Split a ``:``-separated list whose entries may be ``s3://`` URIs."""
+    parts = raw.split(os.pathsep)
+    entries: list[str] = []
+    for part in parts:
+        if entries and entries[-1] == "s3" and part.startswith("//"):
+            entries[-1] = f"s3:{part}"
+        else:
+            entries.append(part.strip())
+    return [e for e in entries if e]
+
+
+def checked_location(field: str, raw: Any, roots: tuple[Location, ...]) -> Location:
+    """Return the validated location of conf field ``field``: a resolved path or an S3 prefix.
+
+    Raises:
+        InvalidConf: naming the field: not a string, a relative path, ``..``,
+            a bad S3 URI, or outside every allowed root.
+    """
+    if is_s3(raw):
+        location = parse_s3_uri(field, raw)
+        if not any(isinstance(root, S3Location) and root.contains(location) for root in roots):
+            allowed = ", ".join(str(r) for r in roots if isinstance(r, S3Location)) or "none"
+            msg = (
+                f"{field}: {raw!r} is outside the allowed S3 prefixes ({allowed}); "
+                "add it to CNN_FEATURES_ALLOWED_ROOTS to allow it"
+            )
+            raise InvalidConf(msg)
+        return location
+    return checked_path(field, raw, tuple(r for r in roots if isinstance(r, Path)))
 
 
 def checked_path(field: str, raw: Any, roots: tuple[Path, ...]) -> Path:
     """Return the resolved path of conf field ``field``; raise InvalidConf naming it if unsafe."""
     if not isinstance(raw, str) or not raw.strip():
-        msg = f"{field}: expected a non-empty path string, got {raw!r}"
+        msg = f"{field}: expected a non-empty path string or s3:// URI, got {raw!r}"
         raise InvalidConf(msg)
     path = Path(raw)
     if not path.is_absolute():
-        msg = f"{field}: {raw!r} is relative; give an absolute path"
+        msg = f"{field}: {raw!r} is relative; give an absolute path or an s3:// URI"
         raise InvalidConf(msg)
     if ".." in path.parts:
         msg = f"{field}: {raw!r} contains '..'; give a direct path"
         raise InvalidConf(msg)
     real = path.resolve()
     if not any(real == root or root in real.parents for root in roots):
-        allowed = ", ".join(str(r) for r in roots)
+        allowed = ", ".join(str(r) for r in roots) or "none"
         msg = f"{field}: {raw!r} is outside the allowed roots ({allowed}); set CNN_FEATURES_ALLOWED_ROOTS to allow it"
         raise InvalidConf(msg)
     return real
 
 
-def _overlaps(a: Path, b: Path) -> bool:
-    return a == b or a in b.parents or b in a.parents
+def _overlaps(a: Location, b: Location) -> bool:
+    if isinstance(a, S3Location) and isinstance(b, S3Location):
+        return a.contains(b) or b.contains(a)
+    if isinstance(a, Path) and isinstance(b, Path):
+        return a == b or a in b.parents or b in a.parents
+    return False
 
 
-def validate_conf(params: dict[str, Any], settings: Settings) -> RunConf:
+def uses_s3(params: dict[str, Any]) -> bool:
+    """Return whether a run conf names any S3 location (so S3 credentials are needed)."""
+    datasets = params.get("datasets")
+    if not isinstance(datasets, dict):
+        return False
+    return any(is_s3(v) for io in datasets.values() if isinstance(io, dict) for v in io.values())
+
+
+def validate_conf(params: dict[str, Any], settings: Settings, *, access: S3Access | None = None) -> RunConf:
     """Check every field of a run conf before any work; errors name the field.
+
+    S3 inputs are checked with one small listing each (``access`` or boto3's
+    default chain): the bucket exists, the keys work, the prefix holds objects.
 
     Raises:
         InvalidConf: a field is missing, of the wrong type, out of range, or a
-            path is relative, contains ``..``, escapes the allowed roots, or
-            an input folder is missing.
+            location is relative, contains ``..``, escapes the allowed roots,
+            or an input folder or prefix is missing or unreachable.
     """
     roots = allowed_roots(settings)
     datasets_raw = params.get("datasets")
@@ -108,9 +165,12 @@ def validate_conf(params: dict[str, Any], settings: Settings) -> RunConf:
         if not isinstance(io, dict) or set(io) != {"input", "output"}:
             msg = f"datasets.{name}: expected exactly the keys 'input' and 'output', got {io!r}"
             raise InvalidConf(msg)
-        src = checked_path(f"datasets.{name}.input", io["input"], roots)
-        dst = checked_path(f"datasets.{name}.output", io["output"], roots)
-        if not src.is_dir():
+        src = checked_location(f"datasets.{name}.input", io["input"], roots)
+        dst = checked_location(f"datasets.{name}.output", io["output"], roots)
+        store = open_store(src, settings, access=access)
+        if isinstance(store, S3Store):
+            check_reachable(store, f"datasets.{name}.input")
+        elif not store.exists():
             msg = f"datasets.{name}.input: {src} does not exist or is not a folder"
             raise InvalidConf(msg)
         if _overlaps(src, dst):
@@ -133,7 +193,8 @@ def validate_conf(params: dict[str, Any], settings: Settings) -> RunConf:
         msg = f"shard_size: expected an integer from 1 to {MAX_SHARD_SIZE}, got {shard_size!r}"
         raise InvalidConf(msg)
     model_raw = params.get("model_path")
-    model_path = None if model_raw in (None, "") else checked_path("model_path", model_raw, roots)
+    local_roots = tuple(r for r in roots if isinstance(r, Path))
+    model_path = None if model_raw in (None, "") else checked_path("model_path", model_raw, local_roots)
     fraction = params.get("max_bad_fraction", 0.0)
     if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0.0 <= fraction <= 1.0:
         msg = f"max_bad_fraction: expected a number from 0 to 1, got {fraction!r}"
@@ -224,47 +285,63 @@ def _load_in_child(model_path: Path | None, settings: Settings) -> dict[str, Any
     raise ModelError(msg)
 
 
-def claim_output(dataset: DatasetIO, model: dict[str, Any]) -> None:
+def claim_output(
+    dataset: DatasetIO, model: dict[str, Any], *, settings: Settings | None = None, access: S3Access | None = None
+) -> None:
     """Record which model writes ``dataset.output``; refuse one made by another model.
 
     Raises:
         OutputConflict: the folder holds features of a different model, so
-            resuming would mix two feature spaces.
+            resuming would mix two feature spaces, or it cannot be written.
     """
-    meta_path = dataset.output / FEATURES_META
+    store = open_store(dataset.output, settings, access=access)
     meta = {"model_sha256": model["sha256"], "feature_dim": model["feature_dim"], "model_path": model["path"]}
-    if meta_path.exists():
-        try:
-            existing = json.loads(meta_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            msg = f"{meta_path}: unreadable ({exc}); remove it if the folder's features may be discarded"
-            raise OutputConflict(msg) from None
-        if existing.get("model_sha256") != model["sha256"]:
+    where = store.name(FEATURES_META)
+    try:
+        existing = json.loads(store.read(FEATURES_META))
+    except StoreMissing:
+        existing = None
+    except (StoreError, ValueError) as exc:
+        msg = f"{where}: unreadable ({exc}); remove it if the folder's features may be discarded"
+        raise OutputConflict(msg) from None
+    if existing is not None:
+        if not isinstance(existing, dict) or existing.get("model_sha256") != model["sha256"]:
+            existing = existing if isinstance(existing, dict) else {}
             msg = (
-                f"datasets.{dataset.name}.output: {dataset.output} holds features of model "
+                f"datasets.{dataset.name}.output: {store.uri} holds features of model "
                 f"{existing.get('model_path')} (sha256 {str(existing.get('model_sha256'))[:12]}), "
                 f"not of {model['path']} (sha256 {model['sha256'][:12]}); use another output folder"
             )
             raise OutputConflict(msg)
         return
     try:
-        write_json_atomic(meta_path, meta)
-    except OSError as exc:
-        msg = f"datasets.{dataset.name}.output: cannot write to {dataset.output} ({exc.strerror or exc})"
+        store.write(FEATURES_META, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+    except (OSError, StoreError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        msg = f"datasets.{dataset.name}.output: cannot write to {store.uri} ({reason})"
         raise OutputConflict(msg) from None
 
 
-def plan_dataset(dataset: DatasetIO, *, shard_size: int) -> list[dict[str, Any]]:
+def plan_dataset(
+    dataset: DatasetIO, *, shard_size: int, settings: Settings | None = None, access: S3Access | None = None
+) -> list[dict[str, Any]]:
     """Cut one dataset's sorted file list into shards with stable ids.
 
     The same folder contents and ``shard_size`` always give the same shards,
     so re-running shard ``ravdess-0003`` processes exactly its own files.
-    Names that do not parse, non-``.npy`` files and duplicate clip ids are
-    carried in each shard's ``rejected`` map, to be reported, not extracted.
+    Names that do not parse, non-``.npy`` files, duplicate clip ids and S3
+    keys that would leave the prefix are carried in each shard's ``rejected``
+    map, to be reported, not extracted. Each file's size (from the listing)
+    travels in ``sizes``: workers order and limit reads by it.
     """
     spec = get_dataset(dataset.name)
-    files = list_files(dataset.input)
+    listed = open_store(dataset.input, settings, access=access).list()
+    files = [rel for rel, _ in listed]
+    sizes = dict(listed)
     _, rejected = label_all(spec, files)
+    for rel in files:
+        if (reason := unsafe_key_reason(rel)) is not None:
+            rejected[rel] = reason
     chunks = [files[i : i + shard_size] for i in range(0, len(files), shard_size)]
     return [
         {
@@ -276,18 +353,26 @@ def plan_dataset(dataset: DatasetIO, *, shard_size: int) -> list[dict[str, Any]]
             "input": str(dataset.input),
             "output": str(dataset.output),
             "files": chunk,
+            "sizes": [sizes[rel] for rel in chunk],
             "rejected": {rel: rejected[rel] for rel in chunk if rel in rejected},
         }
         for index, chunk in enumerate(chunks, start=1)
     ]
 
 
-def plan_run(conf: RunConf, model: dict[str, Any], *, batch_size: int) -> list[dict[str, Any]]:
+def plan_run(
+    conf: RunConf,
+    model: dict[str, Any],
+    *,
+    batch_size: int,
+    settings: Settings | None = None,
+    access: S3Access | None = None,
+) -> list[dict[str, Any]]:
     """Return every shard of the run, each carrying the model and batch size."""
     shards: list[dict[str, Any]] = []
     for dataset in conf.datasets:
-        claim_output(dataset, model)
-        planned = plan_dataset(dataset, shard_size=conf.shard_size)
+        claim_output(dataset, model, settings=settings, access=access)
+        planned = plan_dataset(dataset, shard_size=conf.shard_size, settings=settings, access=access)
         if not planned:
             log.warning("dataset %s: no files under %s", dataset.name, dataset.input)
         shards.extend({**shard, "model": model, "batch_size": batch_size} for shard in planned)

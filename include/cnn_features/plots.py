@@ -16,7 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from cnn_features.storage import read_feature, save_with
+from cnn_features.config import Settings
+from cnn_features.errors import StoreError, StoreMissing
+from cnn_features.s3 import S3Access
+from cnn_features.storage import check_feature_bytes, feature_file_size, save_with
+from cnn_features.stores import Store, open_store
 from cnn_features.verify import MANIFEST_NAME
 
 log = logging.getLogger(__name__)
@@ -67,25 +71,28 @@ def pca_2d(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return centred @ components.T, np.pad(explained, (0, 2 - len(explained)))
 
 
-def load_features(output: Path, *, limit: int = MAX_POINTS) -> tuple[np.ndarray, list[str]]:
+def load_features(output: Store | Path, *, limit: int = MAX_POINTS) -> tuple[np.ndarray, list[str]]:
     """Load up to ``limit`` verified features of a dataset and their emotions, from its manifest.
 
     A larger manifest is subsampled by a hash of each file name, so the same
     files are drawn every time.
     """
-    manifest = json.loads((output / MANIFEST_NAME).read_text(encoding="utf-8"))
+    output = open_store(output) if isinstance(output, Path) else output
+    manifest = json.loads(output.read(MANIFEST_NAME))
     items: list[dict[str, Any]] = manifest.get("items", [])
     if len(items) > limit:
         items = sorted(items, key=lambda item: zlib.crc32(item["feature"].encode()))[:limit]
     feature_dim = int(manifest.get("feature_dim", 0))
+    emotion_of = {item["feature"]: str(item["emotion"]) for item in items}
+    size = feature_file_size(feature_dim)
     vectors, emotions = [], []
-    for item in items:
-        vector, problem = read_feature(output / item["feature"], feature_dim=feature_dim)
-        if problem is not None:
-            msg = f"{output / item['feature']}: feature file {problem}"
+    for rel, data in output.read_many(((item["feature"], size) for item in items), max_bytes=size + 1):
+        vector, problem = (None, str(data)) if isinstance(data, Exception) else check_feature_bytes(data, feature_dim=feature_dim)
+        if vector is None:
+            msg = f"{output.name(rel)}: feature file {problem}"
             raise ValueError(msg)
         vectors.append(vector)
-        emotions.append(str(item["emotion"]))
+        emotions.append(emotion_of[rel])
     if not vectors:
         return np.zeros((0, feature_dim), dtype=np.float32), []
     return np.stack(vectors), emotions
@@ -165,17 +172,31 @@ def plot_throughput(results: list[dict[str, Any]], path: Path) -> Path:
     return _save(fig, path)
 
 
-def write_run_plots(folder: Path, shards: list[dict[str, Any]], results: list[dict[str, Any]]) -> list[Path]:
+def write_run_plots(
+    folder: Path,
+    shards: list[dict[str, Any]],
+    results: list[dict[str, Any]],
+    *,
+    settings: Settings | None = None,
+    access: S3Access | None = None,
+) -> list[Path]:
     """Write ``pca.png`` and ``throughput.png`` for a verified run into ``folder``; return what was written.
 
-    A picture that cannot be drawn is logged and skipped: plots never fail a run.
+    Features are read from each dataset's output, local or S3; the plots go
+    to the local progress folder the progress page serves. A picture that
+    cannot be drawn is logged and skipped: plots never fail a run.
     """
-    outputs = {shard["dataset"]: Path(shard["output"]) for shard in shards}
+    outputs = {shard["dataset"]: open_store(shard["output"], settings, access=access) for shard in shards}
     written: list[Path] = []
     try:
-        datasets = {name: load_features(output) for name, output in outputs.items() if (output / MANIFEST_NAME).is_file()}
+        datasets = {}
+        for name, output in outputs.items():
+            try:
+                datasets[name] = load_features(output)
+            except StoreMissing:  # verification wrote no manifest there
+                continue
         written.append(plot_pca(datasets, folder / "pca.png"))
-    except (OSError, ValueError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError, StoreError) as exc:
         log.warning("PCA plot not written to %s: %s", folder, exc)
     try:
         written.append(plot_throughput(results, folder / "throughput.png"))

@@ -27,13 +27,14 @@ _ONEDNN_ENV = "TF_ENABLE_ONEDNN_OPTS"
 _ONEDNN_MACHINES = frozenset({"x86_64", "AMD64"})
 
 
-def child_env(device: Device) -> dict[str, str]:
-    """Return the environment for a child that must run on ``device``.
+def child_env(device: Device, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Return the environment for a child that must run on ``device``, plus ``extra``.
 
     A CPU child gets CUDA hidden (``CUDA_VISIBLE_DEVICES=-1``) so nothing in it
-    can touch a GPU, however the libraries are built.
+    can touch a GPU, however the libraries are built. ``extra`` carries what
+    only the environment may carry, such as S3 credentials (``S3Access.env``).
     """
-    env = dict(os.environ)
+    env = {**os.environ, **(extra or {})}
     env[PARENT_PID_ENV] = str(os.getpid())
     env["PYTHONUNBUFFERED"] = "1"
     # TensorFlow's C++ INFO/WARNING chatter (oneDNN notices, CPU flags) buries

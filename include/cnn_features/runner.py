@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
+import json
 import logging
 import os
 import re
@@ -21,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from cnn_features.errors import ShardFailed
+from cnn_features.config import load_settings
+from cnn_features.errors import ShardFailed, StoreError
 from cnn_features.procs import (
     PROGRESS_PREFIX,
     RESULT_PREFIX,
@@ -31,7 +34,9 @@ from cnn_features.procs import (
     python_module_cmd,
 )
 from cnn_features.progress import ProgressLog
+from cnn_features.s3 import S3Access, is_s3
 from cnn_features.storage import write_json_atomic
+from cnn_features.stores import open_store
 
 log = logging.getLogger(__name__)
 
@@ -103,14 +108,14 @@ def _follow(
 
 
 def _run_worker(
-    spec_path: Path, device: Device, shard_id: str, on_progress: ProgressCallback | None
+    spec_path: Path, device: Device, shard_id: str, on_progress: ProgressCallback | None, env: dict[str, str]
 ) -> Attempt:
     started = time.monotonic()
     cmd = python_module_cmd("cnn_features.worker", "--spec", str(spec_path), "--device", device)
     log.info("shard %s: starting %s worker: %s", shard_id, device.upper(), " ".join(cmd))
     with subprocess.Popen(
         cmd,
-        env=child_env(device),
+        env=child_env(device, env),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -143,6 +148,7 @@ def run_shard(
     requested_device: str,
     probe: dict[str, Any],
     progress_dir: Path | None = None,
+    access: S3Access | None = None,
 ) -> dict[str, Any]:
     """Extract one shard in fresh processes and return its result.
 
@@ -151,18 +157,38 @@ def run_shard(
     already written are kept and skipped). The result says which device did
     the work and why, and is also saved as ``<output>/_shards/<id>.json``.
     With ``progress_dir``, progress records are appended there as it runs
-    (see ``progress``).
+    (see ``progress``). S3 settings in ``access`` reach the workers through
+    their environment only; the spec file holds no secret.
 
     Raises:
         ShardFailed: the shard could not be completed on any device.
     """
     shard_id = spec["shard_id"]
-    with shard_lock(Path(spec["output"]), shard_id):
-        return _run_locked(spec, shard_id, requested_device=requested_device, probe=probe, progress_dir=progress_dir)
+    with shard_lock(spec["output"], shard_id):
+        return _run_locked(
+            spec,
+            shard_id,
+            requested_device=requested_device,
+            probe=probe,
+            progress_dir=progress_dir,
+            access=access or S3Access(),
+        )
+
+
+def _lock_folder(output: str) -> Path:
+    """Return the folder of an output's shard locks: in the folder itself, or under the home for S3.
+
+    An S3 prefix has no locks, so its shards lock a local folder named after
+    its URI; that guards one host (or hosts sharing the home).
+    """
+    if is_s3(output):
+        digest = hashlib.sha256(output.encode("utf-8")).hexdigest()[:16]
+        return load_settings().home / "locks" / f"s3-{digest}"
+    return Path(output) / SHARD_RESULTS_DIR
 
 
 @contextlib.contextmanager
-def shard_lock(output: Path, shard_id: str) -> Iterator[None]:
+def shard_lock(output: str | Path, shard_id: str) -> Iterator[None]:
     """Hold an exclusive lock on one shard of one output folder, or fail at once.
 
     Two runs extracting the same shard into the same folder would only do the
@@ -173,7 +199,7 @@ def shard_lock(output: Path, shard_id: str) -> Iterator[None]:
     Raises:
         ShardFailed: another process holds the lock.
     """
-    folder = output / SHARD_RESULTS_DIR
+    folder = _lock_folder(str(output))
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fh = open(folder / f"{shard_id}.lock", "a+", encoding="utf-8")  # noqa: SIM115 - held for the block
@@ -207,6 +233,7 @@ def _run_locked(
     requested_device: str,
     probe: dict[str, Any],
     progress_dir: Path | None,
+    access: S3Access,
 ) -> dict[str, Any]:
     device, reason = choose_device(requested_device, probe)
     log.info("shard %s: %d files, device %s: %s", shard_id, len(spec["files"]), device.upper(), reason)
@@ -223,7 +250,8 @@ def _run_locked(
     with tempfile.TemporaryDirectory(prefix="cnn-shard-") as tmp:
         spec_path = Path(tmp) / "spec.json"
         write_json_atomic(spec_path, spec)
-        attempts.append(_run_worker(spec_path, device, shard_id, on_progress))
+        env = access.env()
+        attempts.append(_run_worker(spec_path, device, shard_id, on_progress, env))
         if device == "gpu" and attempts[-1].status in _GPU_FAULTS:
             fallback_reason = attempts[-1].error
             log.warning(
@@ -232,7 +260,7 @@ def _run_locked(
                 fallback_reason,
             )
             device = "cpu"
-            attempts.append(_run_worker(spec_path, device, shard_id, on_progress))
+            attempts.append(_run_worker(spec_path, device, shard_id, on_progress, env))
     final = attempts[-1]
     if final.status != "ok":
         msg = f"shard {shard_id} ({spec['dataset']}) failed on {final.device.upper()}: {final.error}"
@@ -254,7 +282,13 @@ def _run_locked(
             for a in attempts
         ],
     }
-    write_json_atomic(Path(spec["output"]) / SHARD_RESULTS_DIR / f"{shard_id}.json", result)
+    # Written last: the record of what the shard finished follows every feature it names.
+    output = open_store(spec["output"], load_settings(), access=access)
+    try:
+        output.write(f"{SHARD_RESULTS_DIR}/{shard_id}.json", (json.dumps(result, indent=2, sort_keys=True) + "\n").encode())
+    except (OSError, StoreError) as exc:
+        msg = f"shard {shard_id}: features written, but not its result under {output.uri}: {exc}"
+        raise ShardFailed(msg) from None
     if records is not None:
         records.write(
             state="success",

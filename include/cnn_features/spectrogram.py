@@ -20,6 +20,9 @@ from cnn_features.errors import InvalidSpectrogram
 MAX_ELEMENTS = 128 * 100_000
 # Real floating dtypes a spectrogram may be stored in; all are read as float32.
 _FLOAT_KINDS = "f"
+# Largest input file or object read, checked before reading it: the element
+# limit at the widest float (16-byte long double) plus room for a header.
+MAX_INPUT_BYTES = MAX_ELEMENTS * 16 + 65_536
 _MAGIC = b"\x93NUMPY"
 # Magic string plus the two version bytes; the header length follows.
 _MAGIC_LEN = len(_MAGIC) + 2
@@ -97,6 +100,17 @@ def _read_head(fd: int, name: str) -> tuple[Header, bytes]:
         msg = f"{name}: not a .npy file (no {_MAGIC!r} magic string at the start)"
         raise InvalidSpectrogram(msg)
     major = head[len(_MAGIC)]
+    _, end = _header_span(head, major, name)
+    if len(head) < end:
+        head += _read_exactly(fd, end - len(head))
+    if len(head) < end:
+        msg = f"{name}: corrupt .npy header (file ends inside it)"
+        raise InvalidSpectrogram(msg)
+    return _parse_header(head[:end], major, name), head
+
+
+def _header_span(head: bytes, major: int, name: str) -> tuple[int, int]:
+    """Return where the header text starts and ends, from the version and length bytes."""
     if major == 1:
         start = _MAGIC_LEN + 2
     elif major in (2, 3):
@@ -105,13 +119,7 @@ def _read_head(fd: int, name: str) -> tuple[Header, bytes]:
         msg = f"{name}: unsupported .npy format version {major}"
         raise InvalidSpectrogram(msg)
     length = int.from_bytes(head[_MAGIC_LEN:start], "little") if len(head) >= start else 0
-    end = start + length
-    if len(head) < end:
-        head += _read_exactly(fd, end - len(head))
-    if len(head) < end:
-        msg = f"{name}: corrupt .npy header (file ends inside it)"
-        raise InvalidSpectrogram(msg)
-    return _parse_header(head[:end], major, name), head
+    return start, start + length
 
 
 def _parse_header(raw: bytes, major: int, name: str) -> Header:
@@ -190,49 +198,53 @@ def check_header(
         raise InvalidSpectrogram(msg)
 
 
-def load_spectrogram(
-    path: Path,
-    *,
-    relpath: str | None = None,
-    n_mels: int | None,
-    min_frames: int,
-    frames: int | None = None,
-    inside: Path | None = None,
-) -> np.ndarray:
-    """Load a validated spectrogram as C-contiguous float32 (mels x frames).
+def read_input(path: Path, name: str, *, inside: Path | None = None, max_bytes: int) -> bytes:
+    """Return the whole file at ``path`` after checking it is a regular file of at most ``max_bytes``.
 
-    One open and two reads: the header is checked before any data is read,
-    then the data goes straight into the array. With ``inside`` (a resolved
-    dataset root), a file that resolves outside it is refused.
-
-    Raises:
-        InvalidSpectrogram: the file is not ``.npy``, is truncated, holds
-            pickled objects, has the wrong ndim/dtype/size, non-finite
-            values, or lies outside ``inside``.
+    With ``inside`` (a resolved dataset root), a file that resolves outside
+    it is refused. The size is checked from ``fstat`` before anything is read.
     """
-    name = relpath or str(path)
     fd = _open(path, name, inside)
     try:
-        header, head = _read_head(fd, name)
-        check_header(header, name, n_mels=n_mels, min_frames=min_frames, frames=frames)
-        data = bytearray(header.nbytes)
-        view = memoryview(data)
-        got = len(head) - header.offset
-        view[: min(got, len(data))] = head[header.offset : header.offset + len(data)]
-        while got < len(data):
-            chunk = os.readv(fd, [view[got:]])
-            if chunk == 0:
-                break
-            got += chunk
+        size = os.fstat(fd).st_size
+        if size > max_bytes:
+            msg = f"{name}: {size:,} bytes, over the {max_bytes:,}-byte input limit; not read"
+            raise InvalidSpectrogram(msg)
+        data = _read_exactly(fd, size + 1)
     except OSError as exc:
         msg = f"{name}: unreadable .npy ({exc.strerror or exc})"
         raise InvalidSpectrogram(msg) from None
     finally:
         os.close(fd)
-    if got < len(data):
-        msg = f"{name}: truncated, {header.offset + got} bytes on disk for {header.offset + len(data)} expected"
+    return data
+
+
+def parse_spectrogram(
+    data: bytes | bytearray | memoryview,
+    name: str,
+    *,
+    n_mels: int | None,
+    min_frames: int,
+    frames: int | None = None,
+) -> np.ndarray:
+    """Return the validated spectrogram held in ``data`` (a whole ``.npy`` file) as C-contiguous float32.
+
+    The header is parsed and checked before the data is looked at; nothing
+    is ever unpickled. Local files and S3 objects both come through here.
+
+    Raises:
+        InvalidSpectrogram: not ``.npy``, truncated, pickled objects, wrong
+            ndim/dtype/size, or non-finite values.
+    """
+    header = _header_of(bytes(data[:_HEAD_BYTES]), data, name)
+    check_header(header, name, n_mels=n_mels, min_frames=min_frames, frames=frames)
+    available = len(data) - header.offset
+    if available < header.nbytes:
+        msg = f"{name}: truncated, {len(data)} bytes for {header.offset + header.nbytes} expected"
         raise InvalidSpectrogram(msg)
-    array = np.frombuffer(data, dtype=header.dtype).reshape(header.shape, order="F" if header.fortran_order else "C")
+    count = header.nbytes // header.dtype.itemsize
+    array = np.frombuffer(data, dtype=header.dtype, count=count, offset=header.offset)
+    array = array.reshape(header.shape, order="F" if header.fortran_order else "C")
     # Cast first: a float64 value beyond float32's range becomes inf here.
     with np.errstate(over="ignore", invalid="ignore"):
         array = np.ascontiguousarray(array, dtype=np.float32)
@@ -242,3 +254,36 @@ def load_spectrogram(
         msg = f"{name}: {bad} NaN or infinite value(s)"
         raise InvalidSpectrogram(msg)
     return array
+
+
+def _header_of(head: bytes, data: bytes | bytearray | memoryview, name: str) -> Header:
+    """Parse the header at the start of a whole file held in memory."""
+    if len(head) < _MAGIC_LEN + 2 or head[: len(_MAGIC)] != _MAGIC:
+        msg = f"{name}: not a .npy file (no {_MAGIC!r} magic string at the start)"
+        raise InvalidSpectrogram(msg)
+    major = head[len(_MAGIC)]
+    _, end = _header_span(head, major, name)
+    if len(data) < end:
+        msg = f"{name}: corrupt .npy header (file ends inside it)"
+        raise InvalidSpectrogram(msg)
+    return _parse_header(bytes(data[:end]), major, name)
+
+
+def load_spectrogram(
+    path: Path,
+    *,
+    relpath: str | None = None,
+    n_mels: int | None,
+    min_frames: int,
+    frames: int | None = None,
+    inside: Path | None = None,
+) -> np.ndarray:
+    """Load a validated spectrogram file as C-contiguous float32 (mels x frames).
+
+    One open and one read (``read_input``), then ``parse_spectrogram``. With
+    ``inside`` (a resolved dataset root), a file that resolves outside it is
+    refused.
+    """
+    name = relpath or str(path)
+    data = read_input(path, name, inside=inside, max_bytes=MAX_INPUT_BYTES)
+    return parse_spectrogram(data, name, n_mels=n_mels, min_frames=min_frames, frames=frames)

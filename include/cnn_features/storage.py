@@ -20,6 +20,9 @@ TMP_MARKER = ".tmp-"
 _O_TMPFILE: int | None = getattr(os, "O_TMPFILE", None)
 # Feature vectors are stored as native float32, as the model computes them.
 _FEATURE_DTYPE = np.dtype(np.float32)
+# Largest file read to check a feature: far above any vector's, so a file of the
+# wrong dtype or shape is still read to say what is wrong.
+MAX_FEATURE_FILE_BYTES = 1 << 20
 
 
 def file_sha256(path: Path) -> str:
@@ -182,39 +185,44 @@ def remove_stale_temps(folder: Path, final_names: set[str]) -> int:
     return removed
 
 
+def feature_file_size(feature_dim: int) -> int:
+    """Return the size of a feature file as ``npy_bytes`` writes it: header plus float32 data."""
+    return len(npy_header(_FEATURE_DTYPE.str, (feature_dim,))) + _FEATURE_DTYPE.itemsize * feature_dim
+
+
 def check_feature_file(path: Path, *, feature_dim: int) -> str | None:
     """Return why ``path`` is not a valid feature vector, or None if it is."""
     return read_feature(path, feature_dim=feature_dim)[1]
 
 
 def read_feature(path: Path, *, feature_dim: int) -> tuple[np.ndarray | None, str | None]:
-    """Return a feature vector and None, or None and why ``path`` is not a valid one.
-
-    A file laid out exactly as ``save_npy_atomic`` writes it is checked from
-    one read; anything else goes through ``np.load`` to say what is wrong.
-    """
-    header = npy_header(_FEATURE_DTYPE.str, (feature_dim,))
-    size = len(header) + _FEATURE_DTYPE.itemsize * feature_dim
+    """Return a feature vector and None, or None and why ``path`` is not a valid one."""
     try:
         with open(path, "rb") as fh:
-            data = fh.read(size + 1)
+            data = fh.read(MAX_FEATURE_FILE_BYTES)
     except FileNotFoundError:
         return None, "missing"
     except OSError as exc:
         return None, f"unreadable ({exc})"
-    if len(data) == size and data.startswith(header):
+    return check_feature_bytes(data, feature_dim=feature_dim)
+
+
+def check_feature_bytes(data: bytes, *, feature_dim: int) -> tuple[np.ndarray | None, str | None]:
+    """Return the vector a whole feature file holds and None, or None and why it is not a valid one.
+
+    Bytes laid out exactly as ``npy_bytes`` writes them are checked at once;
+    anything else goes through ``np.load`` (never unpickling) to say what is wrong.
+    """
+    header = npy_header(_FEATURE_DTYPE.str, (feature_dim,))
+    if len(data) == feature_file_size(feature_dim) and data.startswith(header):
         vector = np.frombuffer(data, dtype=_FEATURE_DTYPE, offset=len(header))
         return (vector, None) if np.isfinite(vector).all() else (None, "non-finite values")
-    return _feature_problem(path, feature_dim)
-
-
-def _feature_problem(path: Path, feature_dim: int) -> tuple[np.ndarray | None, str | None]:
     try:
-        array = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        return None, "missing"
+        array = np.load(io.BytesIO(data), allow_pickle=False)
     except (ValueError, EOFError, OSError) as exc:
         return None, f"unreadable ({exc})"
+    if not isinstance(array, np.ndarray):
+        return None, "unreadable (not a single array)"
     if array.dtype != _FEATURE_DTYPE:
         return None, f"dtype {array.dtype}, expected float32"
     if array.shape != (feature_dim,):
@@ -222,3 +230,13 @@ def _feature_problem(path: Path, feature_dim: int) -> tuple[np.ndarray | None, s
     if not np.isfinite(array).all():
         return None, "non-finite values"
     return array, None
+
+
+def stale_temps(root: Path) -> list[str]:
+    """Return temporary files under ``root`` (relative, sorted), skipping the pipeline's ``_`` folders."""
+    temps: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(("_", "."))]
+        rel_dir = Path(dirpath).relative_to(root)
+        temps += [(rel_dir / name).as_posix() for name in filenames if name.startswith(".") and TMP_MARKER in name]
+    return sorted(temps)

@@ -13,17 +13,20 @@ import json
 import logging
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from cnn_features.config import Settings
+from cnn_features.config import Settings, load_settings
 from cnn_features.datasets import get_dataset
-from cnn_features.errors import CnnFeaturesError, InvalidConf
-from cnn_features.plan import allowed_roots, checked_path
+from cnn_features.errors import CnnFeaturesError, InvalidConf, StoreError, StoreMissing
+from cnn_features.plan import allowed_roots, checked_location
 from cnn_features.procs import RESULT_PREFIX, child_env, die_with_parent, emit, parse_line, python_module_cmd
-from cnn_features.storage import save_with, write_json_atomic
+from cnn_features.s3 import S3Access, S3Location
+from cnn_features.storage import check_feature_bytes, feature_file_size, save_with
+from cnn_features.stores import LocalStore, Store, open_store
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +37,9 @@ METRICS_NAME = "metrics.json"
 TEST_EVERY = 5
 DEFAULT_EPOCHS = 150
 SEED = 7
+# Largest manifest read when a training conf is checked: ~150 bytes an item,
+# so 64 MiB lists over 400,000 features.
+MAX_MANIFEST_BYTES = 64 << 20
 
 
 class TrainingFailed(CnnFeaturesError):
@@ -50,16 +56,35 @@ def split_actors(actors: list[str]) -> tuple[list[str], list[str]]:
     return [a for a in ordered if a not in test], test
 
 
-def load_manifest(manifest_path: Path) -> tuple[str, np.ndarray, list[str], list[str]]:
-    """Return dataset name, features (N x D), emotions and actors from a manifest."""
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    root = manifest_path.parent
+def manifest_store(manifest: str, settings: Settings, *, access: S3Access | None = None) -> tuple[Store, str]:
+    """Return the store of the folder or prefix holding ``manifest`` and the manifest's name in it."""
+    if manifest.startswith("s3://"):
+        folder, _, name = manifest.rpartition("/")
+        return open_store(folder, settings, access=access), name
+    path = Path(manifest)
+    return LocalStore(path.parent), path.name
+
+
+def load_manifest(store: Store, name: str) -> tuple[str, np.ndarray, list[str], list[str]]:
+    """Return dataset name, features (N x D), emotions and actors from a manifest in ``store``.
+
+    Every feature is read without pickle and checked (shape, dtype, finite).
+    """
+    manifest = json.loads(store.read(name))
     items = manifest["items"]
     if not items:
-        msg = f"{manifest_path}: no features listed"
+        msg = f"{store.name(name)}: no features listed"
         raise TrainingFailed(msg)
-    features = np.stack([np.load(root / item["feature"], allow_pickle=False) for item in items])
-    return manifest["dataset"], features, [i["emotion"] for i in items], [i["actor"] for i in items]
+    feature_dim = int(manifest["feature_dim"])
+    size = feature_file_size(feature_dim)
+    vectors = []
+    for rel, data in store.read_many(((item["feature"], size) for item in items), max_bytes=size + 1):
+        vector, problem = (None, str(data)) if isinstance(data, Exception) else check_feature_bytes(data, feature_dim=feature_dim)
+        if vector is None:
+            msg = f"{store.name(rel)}: feature file {problem}"
+            raise TrainingFailed(msg)
+        vectors.append(vector)
+    return manifest["dataset"], np.stack(vectors), [i["emotion"] for i in items], [i["actor"] for i in items]
 
 
 def confusion(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
@@ -69,11 +94,12 @@ def confusion(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndar
     return matrix
 
 
-def train(manifest_path: Path, *, epochs: int = DEFAULT_EPOCHS) -> dict[str, Any]:
-    """Train and evaluate; write the model and metrics; return the metrics."""
+def train(manifest: str, *, epochs: int = DEFAULT_EPOCHS) -> dict[str, Any]:
+    """Train and evaluate; write the model and metrics beside the features (local or S3); return the metrics."""
     import keras
 
-    name, x, emotions, actors = load_manifest(manifest_path)
+    store, manifest_name = manifest_store(manifest, load_settings())
+    name, x, emotions, actors = load_manifest(store, manifest_name)
     classes = [e for e in get_dataset(name).emotions if e in set(emotions)]
     y = np.array([classes.index(e) for e in emotions])
     train_actors, test_actors = split_actors(actors)
@@ -114,17 +140,30 @@ def train(manifest_path: Path, *, epochs: int = DEFAULT_EPOCHS) -> dict[str, Any
         "train_actors": train_actors,
         "test_actors": test_actors,
         "epochs": epochs,
-        "features": str(manifest_path.parent),
+        "features": store.uri,
+        "model": store.name(f"{TRAINING_DIR}/{MODEL_NAME}"),
     }
-    out_dir = manifest_path.parent / TRAINING_DIR
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_with(out_dir / MODEL_NAME, model.save)
-    metrics["model"] = str(out_dir / MODEL_NAME)
-    write_json_atomic(out_dir / METRICS_NAME, metrics)
+    _save_model(store, model)
+    store.write(f"{TRAINING_DIR}/{METRICS_NAME}", (json.dumps(metrics, indent=2, sort_keys=True) + "\n").encode())
     return metrics
 
 
-def training_jobs(params: dict[str, Any], settings: Settings) -> list[dict[str, str]]:
+def _save_model(store: Store, model: Any) -> None:
+    """Save the classifier as ``training/emotion_classifier.keras``: renamed into place locally, one PUT on S3."""
+    if isinstance(store, LocalStore):
+        out_dir = store.root / TRAINING_DIR
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_with(out_dir / MODEL_NAME, model.save)
+        return
+    with tempfile.TemporaryDirectory(prefix="cnn-training-") as tmp:
+        local = Path(tmp) / MODEL_NAME
+        model.save(local)
+        store.write(f"{TRAINING_DIR}/{MODEL_NAME}", local.read_bytes())
+
+
+def training_jobs(
+    params: dict[str, Any], settings: Settings, *, access: S3Access | None = None
+) -> list[dict[str, str]]:
     """Validate a training conf and return one job per dataset.
 
     Raises:
@@ -145,23 +184,37 @@ def training_jobs(params: dict[str, Any], settings: Settings) -> list[dict[str, 
         if not isinstance(entry, dict) or "manifest" not in entry:
             msg = f"datasets.{name}: expected an object with a 'manifest' path, got {entry!r}"
             raise InvalidConf(msg)
-        manifest = checked_path(f"datasets.{name}.manifest", entry["manifest"], roots)
-        if not manifest.is_file():
-            msg = f"datasets.{name}.manifest: {manifest} does not exist; run cnn_feature_extraction first"
+        field = f"datasets.{name}.manifest"
+        location = checked_location(field, entry["manifest"], roots)
+        manifest = str(location)
+        if isinstance(location, S3Location) and not location.prefix:
+            msg = f"{field}: {manifest} names a bucket, not a manifest object"
             raise InvalidConf(msg)
-        jobs.append({"dataset": name, "manifest": str(manifest)})
+        store, manifest_name = manifest_store(manifest, settings, access=access)
+        try:
+            store.read(manifest_name, max_bytes=MAX_MANIFEST_BYTES)
+        except StoreMissing:
+            msg = f"{field}: {manifest} does not exist; run cnn_feature_extraction first"
+            raise InvalidConf(msg) from None
+        except StoreError as exc:
+            raise InvalidConf(f"{field}: {exc}") from None
+        jobs.append({"dataset": name, "manifest": manifest})
     return jobs
 
 
-def run_training(manifest_path: Path, *, epochs: int = DEFAULT_EPOCHS, timeout_s: float = 3600) -> dict[str, Any]:
+def run_training(
+    manifest: str, *, epochs: int = DEFAULT_EPOCHS, timeout_s: float = 3600, access: S3Access | None = None
+) -> dict[str, Any]:
     """Train in a fresh CPU-only process; return the metrics.
+
+    S3 settings in ``access`` reach the child through its environment only.
 
     Raises:
         TrainingFailed: the child failed; the message carries its error.
     """
     proc = subprocess.run(
-        python_module_cmd("cnn_features.training", str(manifest_path), "--epochs", str(epochs)),
-        env=child_env("cpu"),
+        python_module_cmd("cnn_features.training", str(manifest), "--epochs", str(epochs)),
+        env=child_env("cpu", (access or S3Access()).env()),
         capture_output=True,
         text=True,
         timeout=timeout_s,
@@ -181,23 +234,23 @@ def run_training(manifest_path: Path, *, epochs: int = DEFAULT_EPOCHS, timeout_s
                 payload["n_test"],
                 ",".join(payload["test_actors"]),
                 payload["chance_accuracy"],
-                Path(payload["features"]) / TRAINING_DIR / METRICS_NAME,
+                f"{payload['features']}/{TRAINING_DIR}/{METRICS_NAME}",
             )
             return payload
     tail = " | ".join(proc.stderr.strip().splitlines()[-5:])
-    msg = f"training on {manifest_path} exited with code {proc.returncode}: {tail}"
+    msg = f"training on {manifest} exited with code {proc.returncode}: {tail}"
     raise TrainingFailed(msg)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Child entry point: train on one manifest and print the metrics."""
     parser = argparse.ArgumentParser(prog="python -m cnn_features.training")
-    parser.add_argument("manifest", type=Path)
+    parser.add_argument("manifest", help="manifest.json path or s3:// URI")
     parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
     args = parser.parse_args(argv)
     die_with_parent()
     try:
-        metrics = train(args.manifest, epochs=args.epochs)
+        metrics = train(str(args.manifest), epochs=args.epochs)
     except (CnnFeaturesError, OSError, ValueError, KeyError) as exc:
         emit(RESULT_PREFIX, {"error": f"training on {args.manifest} failed: {type(exc).__name__}: {exc}"})
         return 2

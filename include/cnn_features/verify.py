@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import logging
-import os
-from pathlib import Path
 from typing import Any
 
+from cnn_features.config import Settings
 from cnn_features.datasets import get_dataset, label_all
-from cnn_features.errors import VerificationFailed
-from cnn_features.storage import TMP_MARKER, check_feature_file, write_json_atomic
+from cnn_features.errors import InvalidSpectrogram, VerificationFailed
+from cnn_features.s3 import S3Access
+from cnn_features.storage import MAX_FEATURE_FILE_BYTES, check_feature_bytes
+from cnn_features.stores import LocalStore, Store, open_store
 
 log = logging.getLogger(__name__)
 
@@ -19,23 +21,37 @@ MANIFEST_NAME = "manifest.json"
 _MAX_LISTED = 50
 
 
-def _scan_outputs(output: Path) -> tuple[set[str], list[str]]:
-    """Return feature files (relative) and leftover temporaries under ``output``.
+def _scan_outputs(store: Store) -> tuple[dict[str, int], list[str]]:
+    """Return feature files (relative, with sizes) and leftover temporaries under an output.
 
     Folders starting with ``_`` hold the pipeline's own records, not features.
     """
-    features: set[str] = set()
-    temps: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(output):
-        dirnames[:] = [d for d in dirnames if not d.startswith(("_", "."))]
-        rel_dir = Path(dirpath).relative_to(output)
-        for name in filenames:
-            rel = (rel_dir / name).as_posix()
-            if name.startswith(".") and TMP_MARKER in name:
-                temps.append(rel)
-            elif name.endswith(".npy") and not name.startswith("."):
-                features.add(rel)
-    return features, sorted(temps)
+    features = {
+        rel: size
+        for rel, size in store.list()
+        if rel.endswith(".npy") and not any(part.startswith("_") for part in rel.split("/")[:-1])
+    }
+    temps = store.stale_temps() if isinstance(store, LocalStore) else []
+    return features, temps
+
+
+def _check_features(store: Store, found: dict[str, int], rels: list[str], feature_dim: int) -> dict[str, str | None]:
+    """Return, for each of ``rels`` that exists, why its feature is invalid (None when valid).
+
+    Reads go through the store in order (concurrent GETs on S3).
+    """
+    limit = MAX_FEATURE_FILE_BYTES
+    checked: dict[str, str | None] = {}
+    for rel, data in store.read_many(((rel, found[rel]) for rel in rels if rel in found), max_bytes=limit):
+        if isinstance(data, InvalidSpectrogram):
+            checked[rel] = f"unreadable ({data})"
+        else:
+            checked[rel] = check_feature_bytes(data, feature_dim=feature_dim)[1]
+    return checked
+
+
+def _write_json(store: Store, rel: str, payload: Any) -> None:
+    store.write(rel, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode("utf-8"))
 
 
 def verify_dataset(
@@ -45,9 +61,11 @@ def verify_dataset(
     *,
     feature_dim: int,
     max_bad_fraction: float,
+    settings: Settings | None = None,
+    access: S3Access | None = None,
 ) -> dict[str, Any]:
     """Check one dataset's outputs; write its report and manifest; return the report."""
-    output = Path(shards[0]["output"])
+    output = open_store(shards[0]["output"], settings, access=access)
     files = [rel for shard in shards for rel in shard["files"]]
     bad: dict[str, str] = {}
     for shard in shards:
@@ -56,6 +74,7 @@ def verify_dataset(
             bad[item["file"]] = item["reason"]
     labels, _ = label_all(get_dataset(name), files)
     found, temps = _scan_outputs(output)
+    checked = _check_features(output, found, [rel for rel in files if rel not in bad], feature_dim)
 
     missing: list[str] = []
     invalid: list[dict[str, str]] = []
@@ -63,7 +82,7 @@ def verify_dataset(
     for rel in files:
         if rel in bad:
             continue
-        reason = check_feature_file(output / rel, feature_dim=feature_dim)
+        reason = checked.get(rel, "missing")
         if reason == "missing":
             missing.append(rel)
         elif reason is not None:
@@ -73,7 +92,7 @@ def verify_dataset(
             manifest.append(
                 {"feature": rel, "clip_id": label.clip_id, "emotion": label.emotion, "actor": label.actor}
             )
-    orphans = sorted(found - set(files))
+    orphans = sorted(set(found) - set(files))
     bad_fraction = len(bad) / len(files) if files else 0.0
     problems = [f"{name}: {rel}: no feature file" for rel in missing]
     problems += [f"{name}: {item['reason']}" for item in invalid]
@@ -87,7 +106,7 @@ def verify_dataset(
     report = {
         "dataset": name,
         "input": shards[0]["input"],
-        "output": str(output),
+        "output": output.uri,
         "passed": not problems,
         "input_files": len(files),
         "features_ok": len(manifest),
@@ -107,13 +126,19 @@ def verify_dataset(
         ],
         "problems": problems,
     }
-    write_json_atomic(output / MANIFEST_NAME, {"dataset": name, "feature_dim": feature_dim, "items": manifest})
-    write_json_atomic(output / REPORT_NAME, report)
+    _write_json(output, MANIFEST_NAME, {"dataset": name, "feature_dim": feature_dim, "items": manifest})
+    _write_json(output, REPORT_NAME, report)
+    report["report_at"], report["manifest_at"] = output.name(REPORT_NAME), output.name(MANIFEST_NAME)
     return report
 
 
 def verify_run(
-    shards: list[dict[str, Any]], results: list[dict[str, Any]], *, max_bad_fraction: float
+    shards: list[dict[str, Any]],
+    results: list[dict[str, Any]],
+    *,
+    max_bad_fraction: float,
+    settings: Settings | None = None,
+    access: S3Access | None = None,
 ) -> dict[str, Any]:
     """Verify every dataset of a run; raise listing all problems if any.
 
@@ -138,8 +163,9 @@ def verify_run(
             {s["shard_id"]: by_id[s["shard_id"]] for s in dataset_shards if s["shard_id"] in by_id},
             feature_dim=int(dataset_shards[0]["model"]["feature_dim"]),
             max_bad_fraction=max_bad_fraction,
+            settings=settings,
+            access=access,
         )
-        output = Path(report["output"])
         summary["datasets"][name] = {
             "passed": report["passed"],
             "input_files": report["input_files"],
@@ -147,12 +173,12 @@ def verify_run(
             "bad_inputs": len(report["bad_inputs"]),
             "missing": len(report["missing_features"]),
             "invalid": len(report["invalid_features"]),
-            "report": str(output / REPORT_NAME),
-            "manifest": str(output / MANIFEST_NAME),
+            "report": report["report_at"],
+            "manifest": report["manifest_at"],
         }
         summary["training_conf"]["datasets"][name] = {
-            "features": str(output),
-            "manifest": str(output / MANIFEST_NAME),
+            "features": report["output"],
+            "manifest": report["manifest_at"],
         }
         problems += report["problems"]
         _log_report(report)
@@ -177,7 +203,7 @@ def _log_report(report: dict[str, Any]) -> None:
         len(report["invalid_features"]),
         len(report["orphan_features"]),
         ",".join(report["devices"]) or "-",
-        Path(report["output"]) / REPORT_NAME,
+        report["report_at"],
     )
     for item in report["bad_inputs"]:
         log.warning("%s: bad input %s", report["dataset"], item["reason"])

@@ -4,7 +4,9 @@ Started by ``runner.run_shard`` as ``python -m cnn_features.worker --spec S
 --device gpu|cpu``. Prints progress lines while it runs and one result line at
 the end (see ``procs``). Exit codes: 0 done (bad inputs are listed, not fatal),
 3 the GPU could not be initialised, 4 the model could not be loaded, 5 an
-output could not be written.
+output could not be written, 6 a store (S3) could not be reached or refused a
+request. Inputs and outputs are local folders or S3 prefixes (``stores``); S3
+credentials come from the environment only, never from the spec.
 """
 
 from __future__ import annotations
@@ -32,10 +34,11 @@ import numpy as np
 
 from cnn_features import faults
 from cnn_features.config import load_settings
-from cnn_features.errors import InvalidSpectrogram
+from cnn_features.errors import InvalidSpectrogram, StoreError
 from cnn_features.procs import PROGRESS_PREFIX, RESULT_PREFIX, die_with_parent, emit
-from cnn_features.spectrogram import check_header, load_spectrogram, read_header
-from cnn_features.storage import check_feature_file, remove_stale_temps, save_npy_atomic
+from cnn_features.spectrogram import MAX_INPUT_BYTES, parse_spectrogram
+from cnn_features.storage import npy_bytes
+from cnn_features.stores import Store, open_store, valid_features
 
 log = logging.getLogger("cnn_features.worker")
 
@@ -43,6 +46,7 @@ EXIT_OK = 0
 EXIT_GPU_INIT = 3
 EXIT_MODEL = 4
 EXIT_OUTPUT = 5
+EXIT_STORE = 6
 # Spectrogram frames in one CPU forward pass (clips x frames), by the widest
 # vector unit oneDNN runs on. AVX-512 (a 2-core Xeon): 4 clips of 256 frames
 # ran at ~400 files/s, 16 at ~355: bigger passes spill the first block's
@@ -129,42 +133,27 @@ def init_gpu() -> str:
     return tf.config.experimental.get_device_details(gpus[0]).get("device_name", "GPU:0")
 
 
-def _pending(spec: dict[str, Any], info: dict[str, Any], tally: Tally) -> list[tuple[tuple[int, int], str]]:
-    """Return (shape, relpath) of files still to extract, sorted by shape; tally the rest."""
-    input_root, output_root = Path(spec["input"]), Path(spec["output"])
-    inside = input_root.resolve()
+def _pending(spec: dict[str, Any], info: dict[str, Any], output: Store, tally: Tally) -> list[tuple[int, str]]:
+    """Return (size, relpath) of files still to extract, smallest first; tally the rest.
+
+    Ordering by size (from the plan's listing) puts equal shapes side by
+    side without reading a header, so passes fill up; the passes themselves
+    still group equal shapes only.
+    """
     rejected: dict[str, str] = spec.get("rejected", {})
-    todo: list[tuple[tuple[int, int], str]] = []
-    for rel in spec["files"]:
+    sizes = spec.get("sizes") or [0] * len(spec["files"])
+    candidates = [rel for rel in spec["files"] if rel not in rejected]
+    done = valid_features(output, candidates, feature_dim=info["feature_dim"])
+    todo: list[tuple[int, str]] = []
+    for rel, size in zip(spec["files"], sizes, strict=True):
         if rel in rejected:
             tally.bad.append({"file": rel, "reason": rejected[rel]})
-            continue
-        if check_feature_file(output_root / rel, feature_dim=info["feature_dim"]) is None:
+        elif rel in done:
             tally.skipped += 1
-            continue
-        try:
-            header = read_header(input_root / rel, rel, inside=inside)
-            check_header(
-                header, rel, n_mels=info["n_mels"], min_frames=info["min_frames"], frames=info["frames"]
-            )
-        except InvalidSpectrogram as exc:
-            tally.bad.append({"file": rel, "reason": str(exc)})
-            continue
-        todo.append((header.shape, rel))  # type: ignore[arg-type]
+        else:
+            todo.append((int(size), rel))
     todo.sort()
     return todo
-
-
-def _prepare_outputs(spec: dict[str, Any]) -> None:
-    """Create the shard's output folders and remove temporaries its killed writers left."""
-    output_root = Path(spec["output"])
-    by_folder: dict[Path, set[str]] = {}
-    for rel in spec["files"]:
-        out = output_root / rel
-        by_folder.setdefault(out.parent, set()).add(out.name)
-    for folder, names in by_folder.items():
-        folder.mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(folder, names)
 
 
 def pass_size(frames: int, *, batch_size: int, device: str) -> int:
@@ -256,22 +245,18 @@ class Pass:
 
 
 def _passes(
-    spec: dict[str, Any], info: dict[str, Any], todo: list[tuple[tuple[int, int], str]], *, size: Callable[[int], int]
+    source: Store, info: dict[str, Any], todo: list[tuple[int, str]], *, size: Callable[[int], int]
 ) -> Iterator[Pass | tuple[str, InvalidSpectrogram]]:
-    """Load ``todo`` in order; yield passes of equal shapes, and (relpath, reason) for files that fail."""
-    input_root = Path(spec["input"])
-    inside = input_root.resolve()
+    """Read ``todo`` in order; yield passes of equal shapes, and (relpath, reason) for files that fail."""
     rels: list[str] = []
     arrays: list[np.ndarray] = []
-    for _, rel in todo:
+    for rel, data in source.read_many(((r, s) for s, r in todo), max_bytes=MAX_INPUT_BYTES):
+        if isinstance(data, InvalidSpectrogram):
+            yield rel, data
+            continue
         try:
-            array = load_spectrogram(
-                input_root / rel,
-                relpath=rel,
-                n_mels=info["n_mels"],
-                min_frames=info["min_frames"],
-                frames=info["frames"],
-                inside=inside,
+            array = parse_spectrogram(
+                data, rel, n_mels=info["n_mels"], min_frames=info["min_frames"], frames=info["frames"]
             )
         except InvalidSpectrogram as exc:
             yield rel, exc
@@ -377,10 +362,12 @@ def extract(spec: dict[str, Any], device: str) -> dict[str, Any]:
     this thread loads the next passes and writes each feature atomically.
     """
     info = spec["model"]
-    streams = cpu_streams(load_settings().cpu_threads) if device == "cpu" else 1
+    settings = load_settings()
+    streams = cpu_streams(settings.cpu_threads) if device == "cpu" else 1
     tally = Tally(total=len(spec["files"]))
-    _prepare_outputs(spec)
-    todo = _pending(spec, info, tally)
+    source, output = open_store(spec["input"], settings), open_store(spec["output"], settings)
+    output.prepare(spec["files"])
+    todo = _pending(spec, info, output, tally)
     predictor = _load_predictor(info, device, streams)
     tally.progress(device, force=True)
     with contextlib.ExitStack() as held:
@@ -390,7 +377,7 @@ def extract(spec: dict[str, Any], device: str) -> dict[str, Any]:
         waited = time.monotonic() - waited
         log.info("shard %s: %d files to extract on %s, %d pass(es) at once", spec["shard_id"], len(todo), device.upper(), streams)
         tally.started = time.monotonic()
-        _extract_pending(spec, info, todo, predictor, tally, device=device, streams=streams)
+        _extract_pending(spec, info, (source, output), todo, predictor, tally, device=device, streams=streams)
     elapsed = time.monotonic() - tally.started
     return {
         "status": "ok",
@@ -408,15 +395,20 @@ def extract(spec: dict[str, Any], device: str) -> dict[str, Any]:
 def _extract_pending(
     spec: dict[str, Any],
     info: dict[str, Any],
-    todo: list[tuple[tuple[int, int], str]],
+    stores: tuple[Store, Store],
+    todo: list[tuple[int, str]],
     predictor: Callable[[np.ndarray], np.ndarray],
     tally: Tally,
     *,
     device: str,
     streams: int,
 ) -> None:
-    """Run every pending file through the model and write its feature; count everything in ``tally``."""
-    output_root = Path(spec["output"])
+    """Run every pending file through the model and write its feature; count everything in ``tally``.
+
+    A feature counts as extracted once it is stored: at once locally, when
+    its PUT returns on S3 (several run while the next passes compute).
+    """
+    source, output = stores
     batch_size = int(spec["batch_size"])
     die_after = faults.count_arg("die_after")
     if device == "gpu" and die_after is None:
@@ -426,8 +418,13 @@ def _extract_pending(
     def size(frames: int) -> int:
         return pass_size(frames, batch_size=batch_size, device=device)
 
-    source = _passes(spec, info, todo, size=size)
-    with contextlib.closing(_results(source, predictor, streams=streams)) as items:
+    def stored(rels: list[str]) -> None:
+        tally.extracted += len(rels)
+        if die_after is not None and tally.extracted >= die_after:
+            faults.kill_self()
+
+    passes = _passes(source, info, todo, size=size)
+    with output.writer() as writer, contextlib.closing(_results(passes, predictor, streams=streams)) as items:
         for kind, *payload in items:
             if kind == "bad":
                 rel, reason = payload
@@ -435,13 +432,11 @@ def _extract_pending(
                 continue
             rels, features = payload
             for rel, vector in zip(rels, features, strict=True):
-                save_npy_atomic(output_root / rel, vector)
-                tally.extracted += 1
-                if die_after is not None and tally.extracted >= die_after:
-                    faults.kill_self()
+                stored(writer.put(rel, npy_bytes(vector)))
             if pause_s:
                 time.sleep(pause_s)
             tally.progress(device)
+        stored(writer.flush())
     tally.progress(device, force=True)
 
 
@@ -475,6 +470,9 @@ def main(argv: list[str] | None = None) -> int:
     except ModelError as exc:
         emit(RESULT_PREFIX, {"status": "model_failed", "device": args.device, "error": str(exc)})
         return EXIT_MODEL
+    except StoreError as exc:
+        emit(RESULT_PREFIX, {"status": "store_failed", "device": args.device, "error": str(exc)})
+        return EXIT_STORE
     except OSError as exc:
         error = f"cannot write features under {spec['output']}: {exc}"
         emit(RESULT_PREFIX, {"status": "output_failed", "device": args.device, "error": error})

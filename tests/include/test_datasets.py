@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from cnn_features.datasets import DATASETS, get_dataset, label_all, list_files, parse_crema_d, parse_ravdess
+from cnn_features.datasets import DATASETS, get_dataset, label_all, parse_crema_d, parse_ravdess
 from cnn_features.errors import InvalidInput
 
 
@@ -51,20 +51,6 @@ def test_unknown_dataset_names_the_known_ones() -> None:
     """Asking for an unknown layout lists the known ones."""
     with pytest.raises(InvalidInput, match="crema_d, ravdess"):
         get_dataset("iemocap")
-
-
-def test_list_files_is_sorted_relative_and_skips_hidden(tmp_path: Path) -> None:
-    """Files come back sorted, relative, POSIX, with dot-files and dot-folders left out."""
-    for rel in ["b/2.npy", "a/1.npy", "a/.DS_Store", ".cache/x.npy", "top.txt"]:
-        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / rel).write_bytes(b"")
-    assert list_files(tmp_path) == ["a/1.npy", "b/2.npy", "top.txt"]
-
-
-def test_list_files_of_missing_folder_says_so(tmp_path: Path) -> None:
-    """A missing input folder is a clear error naming it."""
-    with pytest.raises(InvalidInput, match="does not exist"):
-        list_files(tmp_path / "nope")
 
 
 def test_label_all_rejects_non_npy_unparsable_and_duplicates() -> None:

@@ -1,0 +1,249 @@
+"""Where datasets and features live: a local folder or an S3 prefix, behind one small interface.
+
+The pipeline only ever lists a root, reads one file (or many, in order),
+writes one whole, and checks which features already exist. ``LocalStore``
+keeps the local promises (nameless files linked in place, containment
+checked on the opened file); ``s3.S3Store`` keeps S3's (one PUT per object,
+visible whole or not at all; no temporary keys). ``open_store`` is the one
+place a location string picks its implementation.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from cnn_features.errors import InvalidInput, InvalidSpectrogram, StoreError, StoreMissing
+from cnn_features.s3 import S3Access, S3Location, S3Store, is_s3, make_client
+from cnn_features.spectrogram import read_input
+from cnn_features.storage import (
+    MAX_FEATURE_FILE_BYTES,
+    check_feature_bytes,
+    feature_file_size,
+    remove_stale_temps,
+    stale_temps,
+    write_atomic,
+)
+
+if TYPE_CHECKING:
+    from cnn_features.config import Settings
+
+Location = Path | S3Location
+
+
+class Writer(Protocol):
+    """Writes outputs whole; reports which are stored."""
+
+    def put(self, rel: str, data: bytes) -> list[str]: ...
+    def flush(self) -> list[str]: ...
+    def close(self) -> None: ...
+    def __enter__(self) -> Writer: ...
+    def __exit__(self, *exc: object) -> None: ...
+
+
+class Store(Protocol):
+    """A dataset's input or output root."""
+
+    uri: str
+
+    def name(self, rel: str) -> str: ...
+    def exists(self) -> bool: ...
+    def list(self) -> list[tuple[str, int]]: ...
+    def read(self, rel: str, *, max_bytes: int | None = None) -> bytes: ...
+    def read_many(
+        self, items: Iterable[tuple[str, int]], *, max_bytes: int
+    ) -> Iterator[tuple[str, bytes | InvalidSpectrogram]]: ...
+    def write(self, rel: str, data: bytes) -> None: ...
+    def writer(self) -> Writer: ...
+    def delete(self, rel: str) -> None: ...
+    def prepare(self, rels: Iterable[str]) -> None: ...
+
+
+class LocalWriter:
+    """Writes each output at once, atomically."""
+
+    def __init__(self, store: LocalStore) -> None:
+        self.store = store
+
+    def put(self, rel: str, data: bytes) -> list[str]:
+        """Write ``rel`` whole; return it as stored."""
+        self.store.write(rel, data)
+        return [rel]
+
+    def flush(self) -> list[str]:
+        """Nothing is pending."""
+        return []
+
+    def close(self) -> None:
+        """Nothing to stop."""
+
+    def __enter__(self) -> LocalWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class LocalStore:
+    """A dataset folder on a local or mounted file system."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.uri = str(root)
+
+    def __repr__(self) -> str:
+        return f"LocalStore({self.uri!r})"
+
+    @functools.cached_property
+    def _inside(self) -> Path:
+        return self.root.resolve()
+
+    def name(self, rel: str) -> str:
+        """Return the full path of ``rel``, for messages."""
+        return str(self.root / rel) if rel else self.uri
+
+    def exists(self) -> bool:
+        """Return whether the root is a folder."""
+        return self.root.is_dir()
+
+    def list(self) -> list[tuple[str, int]]:
+        """Return (POSIX path relative to the root, size) of every file under it, sorted.
+
+        Hidden files and folders (a leading dot) are left out: they are editor,
+        OS or our own temporary files, never clips. Symlinks are listed, not
+        followed into; whether they stay inside the root is checked when read.
+        """
+        if not self.root.is_dir():
+            msg = f"{self.root}: input folder does not exist or is not a folder"
+            raise InvalidInput(msg)
+        found: list[tuple[str, int]] = []
+        for dirpath, dirnames, filenames in os.walk(self.root, followlinks=False):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            rel_dir = Path(dirpath).relative_to(self.root)
+            for name in filenames:
+                if name.startswith("."):
+                    continue
+                try:
+                    size = os.stat(os.path.join(dirpath, name)).st_size
+                except OSError:  # a dangling link: reported when read
+                    size = 0
+                found.append(((rel_dir / name).as_posix(), size))
+        return sorted(found)
+
+    def read(self, rel: str, *, max_bytes: int | None = None) -> bytes:
+        """Return the whole file ``rel``.
+
+        Raises:
+            StoreMissing: no such file.
+            StoreError: it cannot be read.
+        """
+        path = self.root / rel
+        try:
+            with open(path, "rb") as fh:
+                if max_bytes is not None and os.fstat(fh.fileno()).st_size > max_bytes:
+                    msg = f"{path}: over the {max_bytes:,}-byte limit; not read"
+                    raise StoreError(msg)
+                return fh.read()
+        except FileNotFoundError:
+            raise StoreMissing(f"{path}: no such file") from None
+        except OSError as exc:
+            raise StoreError(f"{path}: cannot read ({exc.strerror or exc})") from None
+
+    def read_many(
+        self, items: Iterable[tuple[str, int]], *, max_bytes: int
+    ) -> Iterator[tuple[str, bytes | InvalidSpectrogram]]:
+        """Yield (rel, bytes) in order, one open and one read each, in the calling thread.
+
+        A file that resolves outside the root, is not a regular file or is
+        larger than ``max_bytes`` is yielded as an InvalidSpectrogram. Local
+        reads take ~0.1 ms; a thread would only add GIL hand-offs.
+        """
+        for rel, _ in items:
+            try:
+                yield rel, read_input(self.root / rel, rel, inside=self._inside, max_bytes=max_bytes)
+            except InvalidSpectrogram as exc:
+                yield rel, exc
+
+    def write(self, rel: str, data: bytes) -> None:
+        """Write ``rel`` whole (``storage.write_atomic``), creating folders; raises OSError."""
+        path = self.root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, data)
+
+    def writer(self) -> LocalWriter:
+        """Return a writer that writes each output at once."""
+        return LocalWriter(self)
+
+    def delete(self, rel: str) -> None:
+        """Remove ``rel`` (absent is fine)."""
+        (self.root / rel).unlink(missing_ok=True)
+
+    def prepare(self, rels: Iterable[str]) -> None:
+        """Create the folders of ``rels`` and remove temporaries their killed writers left."""
+        by_folder: dict[Path, set[str]] = {}
+        for rel in rels:
+            out = self.root / rel
+            by_folder.setdefault(out.parent, set()).add(out.name)
+        for folder, names in by_folder.items():
+            folder.mkdir(parents=True, exist_ok=True)
+            remove_stale_temps(folder, names)
+
+    def stale_temps(self) -> list[str]:
+        """Return temporaries left under the root by killed writers (relative paths)."""
+        return stale_temps(self.root)
+
+
+def parse_location(raw: str | Path) -> Location:
+    """Return the location a spec or conf string names: an S3 prefix or a local path.
+
+    The string must already be validated (``plan.validate_conf``).
+    """
+    if is_s3(raw):
+        rest = str(raw)[len("s3://") :].rstrip("/")
+        bucket, _, prefix = rest.partition("/")
+        return S3Location(bucket, prefix)
+    return Path(raw)
+
+
+def open_store(location: Location | str, settings: Settings | None = None, *, access: S3Access | None = None) -> Store:
+    """Return the store of ``location``: an S3 prefix with a client for ``access``, else a local folder.
+
+    Without ``access``, an S3 client reads its settings from this process's
+    environment (``S3Access.from_environ``), as worker children do.
+    """
+    if isinstance(location, str):
+        location = parse_location(location)
+    if isinstance(location, S3Location):
+        if settings is None:
+            from cnn_features.config import load_settings
+
+            settings = load_settings()
+        client = make_client(access if access is not None else S3Access.from_environ(), settings)
+        return S3Store(location, client=client, concurrency=settings.s3_concurrency)
+    return LocalStore(location)
+
+
+def valid_features(store: Store, rels: Iterable[str], *, feature_dim: int) -> set[str]:
+    """Return which of ``rels`` already hold a valid feature vector in ``store``.
+
+    On S3 one listing decides, without a request per file: a PUT is whole, so
+    an object of exactly a feature file's size is one. Locally each file is
+    read and checked (``storage.check_feature_bytes``).
+    """
+    wanted = set(rels)
+    if isinstance(store, S3Store):
+        size = feature_file_size(feature_dim)
+        return {rel for rel, got in store.list() if rel in wanted and got == size}
+    done: set[str] = set()
+    size = feature_file_size(feature_dim)
+    for rel in wanted:
+        try:
+            data = store.read(rel, max_bytes=MAX_FEATURE_FILE_BYTES)
+        except StoreError:  # missing, unreadable, or too big to be one
+            continue
+        if check_feature_bytes(data, feature_dim=feature_dim)[1] is None:
+            done.add(rel)
+    return done
