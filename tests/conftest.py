@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from tests.s3_server import s3_bucket, s3_server  # noqa: F401 - fixtures for every test module
+
 # Frames of the tiny test clips: above the reference CNN's 16-frame minimum,
 # small enough that a shard of a dozen files extracts in well under a second.
 TINY_FRAMES = (24, 40)
