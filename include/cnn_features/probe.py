@@ -74,10 +74,7 @@ def _result_of(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:
         payload = parse_line(line, RESULT_PREFIX)
         if payload is not None:
             return payload
-    if proc.returncode < 0:
-        how = f"was killed by signal {-proc.returncode}"
-    else:
-        how = f"exited with code {proc.returncode}"
+    how = f"was killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exited with code {proc.returncode}"
     tail = " | ".join(proc.stderr.strip().splitlines()[-5:])
     return _no_gpu(f"GPU probe {how} without a result" + (f": {tail}" if tail else ""))
 

@@ -130,9 +130,8 @@ def test_second_run_on_a_busy_shard_fails_fast(tmp_path: Path, reference_model: 
     """While one process extracts a shard into a folder, another run of that shard fails naming the holder."""
     make_ravdess(tmp_path / "in", actors=1, emotions=2)
     spec = shard_for(tmp_path, reference_model)
-    with shard_lock(tmp_path / "out", spec["shard_id"]):
-        with pytest.raises(ShardFailed, match=rf"is being extracted by pid {os.getpid()}"):
-            run_shard(spec, requested_device="cpu", probe=NO_GPU)
+    with shard_lock(tmp_path / "out", spec["shard_id"]), pytest.raises(ShardFailed, match=rf"is being extracted by pid {os.getpid()}"):
+        run_shard(spec, requested_device="cpu", probe=NO_GPU)
     assert run_shard(spec, requested_device="cpu", probe=NO_GPU)["extracted"] == 2
 
 

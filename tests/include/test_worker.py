@@ -111,7 +111,7 @@ def test_results_run_every_pass_and_report_bad_files() -> None:
     source = [*passes[:5], ("bad.npy", InvalidSpectrogram("bad.npy: truncated")), *passes[5:]]
     got = list(_results(iter(source), lambda b: b.reshape(len(b), -1)[:, :1] * 2, streams=3))
     bad = [item for item in got if item[0] == "bad"]
-    done = {rel: float(feat[0]) for kind, rels, feats in (i for i in got if i[0] == "done") for rel, feat in zip(rels, feats)}
+    done = {rel: float(feat[0]) for kind, rels, feats in (i for i in got if i[0] == "done") for rel, feat in zip(rels, feats, strict=False)}
     assert [(b[1], str(b[2])) for b in bad] == [("bad.npy", "bad.npy: truncated")]
     assert done == {f"f{i}{s}": 2.0 * i for i in range(20) for s in "ab"}
 
