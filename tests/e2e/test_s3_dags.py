@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from cnn_features.demo import generate
+from cnn_features.progress_report import find_run, list_runs, load_run
 from cnn_features.s3 import S3Location
 from tests.e2e.test_s3_shards import upload
 
@@ -107,8 +108,12 @@ def test_every_direction_gives_the_local_bytes_and_training_runs_on_s3(s3_stack:
     metrics = read_json(s3_stack, f"s3://{bucket}/features/local-s3/training/metrics.json")
     assert metrics["accuracy"] > metrics["chance_accuracy"]
     assert metrics["model"] == f"s3://{bucket}/features/local-s3/training/emotion_classifier.keras"
-    plots = list((s3_stack["root"] / "data" / "progress").glob("*/plots/pca.png"))
-    assert plots, "verification drew no PCA plot of the S3 features"
+    progress = s3_stack["root"] / "data" / "progress"
+    runs = [load_run(find_run(progress, summary.run_id)) for summary in list_runs(progress)]
+    assert len(runs) == 4 and {run.state for run in runs} == {"success"}
+    for run in runs:  # the progress page's view of every run, S3 ones included
+        assert run.done == run.total == report["input_files"]
+        assert {p.name for p in run.plots} == {"pca.png", "throughput.png"}, run.run_id
 
 
 def test_secret_key_appears_in_no_log_report_or_xcom(s3_stack: dict[str, Any]) -> None:
