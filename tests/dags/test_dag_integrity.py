@@ -81,7 +81,7 @@ def test_extraction_dag_shape(report: dict[str, Any]) -> None:
 def test_params_have_titles_and_descriptions(report: dict[str, Any]) -> None:
     """Every trigger-form param explains itself."""
     params = report["dags"]["cnn_feature_extraction"]["params"]
-    assert set(params) == {"datasets", "device", "shard_size", "model_path", "max_bad_fraction"}
+    assert set(params) == {"datasets", "device", "shard_size", "model_path", "aws_conn_id", "max_bad_fraction"}
     for name, p in params.items():
         assert p["title"] and p["description"], name
 
