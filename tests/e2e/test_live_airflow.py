@@ -34,13 +34,14 @@ pytestmark = pytest.mark.e2e
 SHARD_SIZE = 100
 # The RAVDESS actor whose feature folder refuses writes: its files are in shard 2 of 2.
 BROKEN_ACTOR = "Actor_09"
-PARAMS = ("datasets", "device", "shard_size", "model_path", "max_bad_fraction")
+PARAMS = ("datasets", "device", "shard_size", "model_path", "aws_conn_id", "max_bad_fraction")
 # What the trigger form must show for each Param: its title and the start of its description.
 FORM_TEXT = {
     "Datasets": "Each dataset's spectrogram folder and feature folder",
     "Device": "auto: GPU if the probe found a usable one, else CPU.",
     "Shard size": "Files per extract_shard task.",
     "Model (.keras)": "Absolute path of your own feature model",
+    "AWS connection": "Airflow connection with the S3 keys",
     "Max bad fraction": "Share of unusable input files tolerated per dataset",
 }
 # The dialog of the UI's Clear button on a task instance page (Shift+C).
