@@ -129,18 +129,19 @@ def cnn_feature_extraction() -> None:
         from cnn_features import plan
         from cnn_features.errors import InvalidConf, ModelError, OutputConflict
 
-        from cnn_features.progress import run_folder, write_plan
+        from cnn_features.progress import run_folder, write_plan, write_plan_error
 
         context = get_current_context()
         params = dict(context["params"])
+        run_id = context["run_id"]
         access = s3_access(params) if plan.uses_s3(params) else None
         try:
             conf = plan.validate_conf(params, SETTINGS, access=access)
             model = plan.check_model(conf.model_path, SETTINGS)
             shards = plan.plan_run(conf, model, batch_size=SETTINGS.batch_size, settings=SETTINGS, access=access)
         except (InvalidConf, ModelError, OutputConflict) as exc:
+            write_plan_error(run_folder(SETTINGS.progress_root, run_id), run_id, str(exc))
             raise AirflowFailException(str(exc)) from None
-        run_id = context["run_id"]
         write_plan(run_folder(SETTINGS.progress_root, run_id), run_id, shards)
         return shards
 
@@ -181,15 +182,17 @@ def cnn_feature_extraction() -> None:
         access = s3_access(params) if uses_s3(params) else None
         fraction = float(params["max_bad_fraction"])
         results = list(results)
+        records = run_folder(SETTINGS.progress_root, context["run_id"])
         try:
-            summary = verify_run(shards, results, max_bad_fraction=fraction, settings=SETTINGS, access=access)
+            summary = verify_run(
+                shards, results, max_bad_fraction=fraction, settings=SETTINGS, access=access, record_dir=records
+            )
             summary["training_conf"]["aws_conn_id"] = params["aws_conn_id"]
             return summary
         except VerificationFailed as exc:
             raise AirflowFailException(str(exc)) from None
         finally:
-            plots = run_folder(SETTINGS.progress_root, context["run_id"]) / PLOTS_DIR
-            write_run_plots(plots, shards, results, settings=SETTINGS, access=access)
+            write_run_plots(records / PLOTS_DIR, shards, results, settings=SETTINGS, access=access)
 
     probe = probe_gpu()
     shards = plan_shards()  # independent of the probe: the two may run side by side

@@ -21,6 +21,7 @@ from cnn_features.progress_report import (
     ShardProgress,
     device_text,
     format_duration,
+    rate_text,
 )
 
 # Seconds between reloads of a page whose run is still going.
@@ -46,7 +47,7 @@ th, td { text-align: left; padding: .3rem .6rem; border-bottom: 1px solid #e1e4e
 th { font-weight: 600; background: #f6f8fa; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .state { display: inline-block; padding: .05rem .5rem; border-radius: .7rem; font-size: .85rem; color: #fff; }
 .state-success { background: #2e7d32; } .state-running { background: #1565c0; } .state-failed { background: #c62828; }
-.state-pending { background: #757575; } .state-quiet { background: #ef6c00; }
+.state-pending { background: #757575; } .state-quiet { background: #ef6c00; } .state-verifying { background: #6a1b9a; }
 .bar { width: 9rem; height: .7rem; background: #e1e4e8; border-radius: .35rem; overflow: hidden; display: inline-block; }
 .bar span { display: block; height: 100%; background: #1565c0; }
 .error { color: #c62828; font-size: .85rem; } .muted { color: #6a737d; font-size: .9rem; }
@@ -79,13 +80,15 @@ def _document(title: str, body: str, *, refresh: bool, base: str) -> str:
 def render_run_list(runs: list[RunSummary], *, base: str, root: str) -> str:
     """Return the page listing every run that has progress records, newest first."""
     rows = "".join(
-        f'<tr data-run-id="{_e(r.run_id)}"><td><a href="{_e(run_href(r.run_id))}">{_e(r.run_id)}</a></td>'
+        f'<tr data-run-id="{_e(r.run_id)}" data-state="{_e(r.state)}"><td><a href="{_e(run_href(r.run_id))}">{_e(r.run_id)}</a>'
+        f"{f'<div class=error>{_e(r.error)}</div>' if r.error else ''}</td>"
+        f"<td>{_state_badge(r.state)}</td>"
         f'<td>{_e(time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.created)))}</td>'
         f'<td class="num">{r.shards}</td><td class="num">{r.files}</td></tr>'
         for r in runs
     )
     table = (
-        "<table><thead><tr><th>DAG run</th><th>planned</th><th>shards</th><th>files</th></tr></thead>"
+        "<table><thead><tr><th>DAG run</th><th>state</th><th>planned</th><th>shards</th><th>files</th></tr></thead>"
         f"<tbody>{rows}</tbody></table>"
         if runs
         else f'<p class="muted">No runs yet: trigger <code>cnn_feature_extraction</code>. Records are read from {_e(root)}.</p>'
@@ -114,13 +117,16 @@ def _shard_row(shard: ShardProgress, now: float) -> str:
         f'<tr class="shard" data-shard-id="{_e(shard.shard_id)}" data-label="{_e(shard.label)}" '
         f'data-dataset="{_e(shard.dataset)}" data-state="{_e(shard.state)}" data-done="{shard.done}" '
         f'data-total="{shard.total}" data-device="{_e(shard.device or "")}" '
-        f'data-fallback-reason="{_e(shard.fallback_reason or "")}" data-files-per-s="{shard.files_per_s}">'
+        f'data-fallback-reason="{_e(shard.fallback_reason or "")}" data-files-per-s="{shard.files_per_s}" '
+        f'data-extracted="{shard.extracted}" data-skipped="{shard.skipped}" data-bad="{shard.bad}">'
         f"<td>{_e(shard.label)}{tries}{error}</td>"
         f"<td>{_state_badge(state)}</td>"
         f'<td class="num files">{shard.done} / {shard.total}</td>'
         f'<td><span class="bar"><span style="width:{share:.1f}%"></span></span></td>'
+        f'<td class="num skipped">{shard.skipped}</td>'
+        f'<td class="num bad">{shard.bad}</td>'
         f'<td class="device">{_e(device_text(shard))}</td>'
-        f'<td class="num">{shard.files_per_s:.1f}</td>'
+        f'<td class="num rate">{_e(rate_text(shard))}</td>'
         f'<td class="num">{_e(format_duration(shard.eta_s))}</td>'
         f'<td class="muted">{_e(updated)}</td></tr>'
     )
@@ -190,18 +196,26 @@ def render_run(run: RunProgress, *, base: str, now: float | None = None, dag_id:
         '<div class="summary">'
         f'<div>state<b id="run-state" data-state="{_e(run.state)}">{_state_badge(run.state)}</b></div>'
         f'<div>files done<b id="run-files" data-done="{run.done}" data-total="{run.total}">{run.done} / {run.total}</b></div>'
-        f'<div>files/s<b id="run-rate">{run.files_per_s:.1f}</b></div>'
+        f'<div>extracted<b id="run-extracted">{run.extracted}</b></div>'
+        f'<div>skipped<b id="run-skipped">{run.skipped}</b></div>'
+        f'<div>bad inputs<b id="run-bad" data-bad="{run.bad}">{run.bad}</b></div>'
+        f'<div>ignored<b id="run-ignored" data-ignored="{run.ignored}">{run.ignored}</b></div>'
+        f'<div>verification<b id="run-verification" data-verification="{_e(run.verification)}">{_e(run.verification)}</b></div>'
+        f'<div>files/s extracted<b id="run-rate">{run.files_per_s:.1f}</b></div>'
         f'<div>ETA<b id="run-eta">{_e(format_duration(run.eta_s))}</b></div>'
         f'<div>last record<b>{_e(age)}</b></div>'
         "</div>"
     )
+    if run.error:
+        summary += f'<p class="error" id="run-error">{_e(run.error)}</p>'
     sections = []
     for dataset in run.datasets:
         rows = "".join(_shard_row(shard, now) for shard in dataset.shards)
         sections.append(
             f'<h2 class="dataset" data-dataset="{_e(dataset.name)}" data-done="{dataset.done}" data-total="{dataset.total}">'
-            f"{_e(dataset.name)}: {dataset.done} / {dataset.total} files {_state_badge(dataset.state)}</h2>"
-            "<table><thead><tr><th>shard</th><th>state</th><th>files</th><th></th><th>device</th>"
+            f"{_e(dataset.name)}: {dataset.done} / {dataset.total} files, {dataset.bad} bad, {dataset.ignored} ignored "
+            f"{_state_badge(dataset.state)}</h2>"
+            "<table><thead><tr><th>shard</th><th>state</th><th>files</th><th></th><th>skipped</th><th>bad</th><th>device</th>"
             "<th>files/s</th><th>ETA</th><th>last record</th></tr></thead>"
             f"<tbody>{rows}</tbody></table>"
         )
@@ -218,7 +232,7 @@ def render_run(run: RunProgress, *, base: str, now: float | None = None, dag_id:
     note = ""
     if dag_id and dag_id != "cnn_feature_extraction":
         note = f'<p class="muted">{_e(dag_id)} writes no progress records; this is the extraction run of the same id.</p>'
-    refreshing = run.state in ("running", "pending")
+    refreshing = run.state in ("running", "pending", "verifying")
     body = (
         f'<p class="muted"><a href="./">all runs</a></p><h1>Run <span id="run-id">{_e(run.run_id)}</span></h1>{note}'
         f"{summary}{''.join(sections)}"

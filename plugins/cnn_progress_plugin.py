@@ -27,13 +27,16 @@ in every Airflow process that loads plugins (task processes included).
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
 import cnn_progress_page
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.concurrency import run_in_threadpool
 
 from airflow.plugins_manager import AirflowPlugin
 from cnn_features.config import load_settings
@@ -43,28 +46,67 @@ URL_PREFIX = "/cnn-progress"
 log = logging.getLogger(__name__)
 
 DAG_ID = "cnn_feature_extraction"
-# The cookie the Airflow UI keeps its session token in (airflow's COOKIE_NAME_JWT_TOKEN).
-SESSION_COOKIE = "_token"
 
 
 async def require_reader(request: Request) -> None:
-    """Let the request through if its user may read runs of the extraction DAG.
+    """Let the request through if Airflow's own ``requires_access_dag`` lets its user read runs of the extraction DAG.
+
+    The user comes from Airflow's ``get_user``, as on the API's own routes:
+    a ``Bearer`` token first, else the user that Airflow's
+    ``JWTRefreshMiddleware`` refreshed from the UI session (a session the
+    auth manager refreshes gets the page and a new cookie, not a 401), else
+    the session cookie. ``requires_access_dag`` asks the auth manager with the
+    DAG's team. Airflow's API modules are imported here, on the first
+    request, not when the plugin loads.
 
     Raises:
         HTTPException: 401 without a valid token or session, 403 when the user may not read runs.
     """
-    from airflow.api_fastapi.app import get_auth_manager
-    from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity, DagDetails
-    from airflow.api_fastapi.core_api.security import resolve_user_from_token
+    from airflow.api_fastapi.core_api.security import bearer_scheme, get_user
 
-    header = request.headers.get("authorization", "")
-    token = header[7:].strip() if header.lower().startswith("bearer ") else request.cookies.get(SESSION_COOKIE)
-    user = await resolve_user_from_token(token)
-    allowed = get_auth_manager().is_authorized_dag(
-        method="GET", access_entity=DagAccessEntity.RUN, details=DagDetails(id=DAG_ID), user=user
-    )
-    if not allowed:
-        raise HTTPException(status_code=403, detail=f"not allowed to read runs of {DAG_ID}")
+    user = await get_user(request, _oauth_token=None, bearer_credentials=await bearer_scheme(request))
+    await run_in_threadpool(_reader_check(), request, user)  # it reads the DAG's team from the metadata DB
+
+
+@functools.cache
+def _reader_check() -> Callable[[Request, Any], None]:
+    """Return Airflow's ``requires_access_dag`` check for reading runs of the extraction DAG."""
+    from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity
+    from airflow.api_fastapi.core_api.security import requires_access_dag
+
+    return requires_access_dag("GET", DagAccessEntity.RUN, param_dag_id=DAG_ID)
+
+
+def dag_runs() -> dict[str, tuple[str, float]]:
+    """Return the extraction DAG's runs as {run_id: (state, created Unix time)} from Airflow's metadata DB.
+
+    Empty (logged) when the database cannot be read: the page then shows what
+    the progress records alone say.
+    """
+    try:
+        from sqlalchemy import select
+        from sqlalchemy.exc import SQLAlchemyError
+
+        from airflow.models.dagrun import DagRun
+        from airflow.utils.session import create_session
+    except ImportError as exc:
+        log.warning("DAG run states unavailable: %s", exc)
+        return {}
+    try:
+        with create_session() as session:
+            rows = session.execute(
+                select(DagRun.run_id, DagRun.state, DagRun.run_after).where(DagRun.dag_id == DAG_ID)
+            ).all()
+    except SQLAlchemyError as exc:
+        log.warning("DAG run states of %s unreadable: %s", DAG_ID, exc)
+        return {}
+    return {str(run_id): (str(state), after.timestamp() if after else 0.0) for run_id, state, after in rows}
+
+
+def _load(run_id: str) -> Any:
+    """Return one run's progress with its DAG run's state."""
+    state = dag_runs().get(run_id, (None, 0.0))[0]
+    return load_run(find_run(load_settings().progress_root, run_id), dag_state=state)
 
 
 def _base(request: Request) -> str:
@@ -91,13 +133,13 @@ def create_app() -> FastAPI:
     def runs_page(request: Request) -> str:
         """List the runs that have progress records."""
         root = load_settings().progress_root
-        return cnn_progress_page.render_run_list(list_runs(root), base=_base(request), root=str(root))
+        return cnn_progress_page.render_run_list(list_runs(root, dag_runs=dag_runs()), base=_base(request), root=str(root))
 
     @app.get("/runs/{run_id}", response_class=HTMLResponse)
     def run_page(request: Request, run_id: str, dag_id: str | None = None) -> HTMLResponse:
         """Show one run's progress."""
         try:
-            run = load_run(find_run(load_settings().progress_root, run_id))
+            run = _load(run_id)
         except ProgressNotFound as exc:
             html = cnn_progress_page.render_missing(run_id, str(exc), base=_base(request), dag_id=dag_id)
             return HTMLResponse(html, status_code=404)
@@ -120,16 +162,16 @@ def create_app() -> FastAPI:
     def runs_json() -> list[dict[str, Any]]:
         """List the runs that have progress records, newest first."""
         return [
-            {"run_id": r.run_id, "created": r.created, "shards": r.shards, "files": r.files,
-             "page": f"runs/{quote(r.run_id, safe='')}"}
-            for r in list_runs(load_settings().progress_root)
+            {"run_id": r.run_id, "state": r.state, "error": r.error, "created": r.created, "shards": r.shards,
+             "files": r.files, "page": f"runs/{quote(r.run_id, safe='')}"}
+            for r in list_runs(load_settings().progress_root, dag_runs=dag_runs())
         ]
 
     @app.get("/api/runs/{run_id}")
     def run_json(run_id: str) -> dict[str, Any]:
         """Return one run's progress."""
         try:
-            return to_dict(load_run(find_run(load_settings().progress_root, run_id)))
+            return to_dict(_load(run_id))
         except ProgressNotFound as exc:
             raise HTTPException(status_code=404, detail=str(exc)) from None
 

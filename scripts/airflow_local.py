@@ -53,6 +53,12 @@ PASSWORDS_FILE = "simple_auth_manager_passwords.json.generated"
 # Seconds a component gets to stop on SIGTERM before its process group is killed:
 # a scheduler waits for its running tasks, and a shard can take a while.
 STOP_GRACE_S = 120.0
+# Task slots per usable core (AIRFLOW__CORE__PARALLELISM), at least MIN_PARALLELISM.
+# Airflow's default of 32 starts 32 LocalExecutor worker processes, idle on a
+# small machine; a run needs at most probe + plan, or two shards (the default
+# shard concurrency) plus a training task or two, at once.
+PARALLELISM_PER_CORE = 2
+MIN_PARALLELISM = 4
 # Seconds to wait for the database migration (PostgreSQL on a busy 2-core box: ~1 min).
 MIGRATE_TIMEOUT_S = 900.0
 # Linux prctl option that sends a signal to a child when its parent dies.
@@ -385,9 +391,12 @@ def airflow_env(
     The project's dags/ and plugins/, LocalExecutor, login required (the
     simple auth manager's ``admin`` user, no all-admins mode). ``db_url``
     (else ``AIRFLOW__DATABASE__SQL_ALCHEMY_CONN`` from ``base``, else SQLite in
-    ``home``) is the metadata DB.
+    ``home``) is the metadata DB. ``AIRFLOW__CORE__PARALLELISM`` (task slots, one
+    LocalExecutor worker process each) is sized to the machine
+    (``default_parallelism``) unless ``base`` sets it.
     """
     env = dict(os.environ if base is None else base)
+    env.setdefault("AIRFLOW__CORE__PARALLELISM", str(default_parallelism()))
     env.update({
         "AIRFLOW_HOME": str(home),
         "AIRFLOW__CORE__DAGS_FOLDER": env.get("AIRFLOW__CORE__DAGS_FOLDER", str(REPO / "dags")),
@@ -406,6 +415,11 @@ def airflow_env(
         env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = db_url
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return env
+
+
+def default_parallelism() -> int:
+    """Return the task slots for this machine: ``PARALLELISM_PER_CORE`` per usable core, at least ``MIN_PARALLELISM``."""
+    return max(MIN_PARALLELISM, PARALLELISM_PER_CORE * len(os.sched_getaffinity(0)))
 
 
 class AirflowStack:

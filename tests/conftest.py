@@ -124,8 +124,7 @@ def add_bad_inputs(root: Path, marker: Path) -> dict[str, str]:
     write_clip(actor / "03-01-04-02-02-01-77.npy", np.ones((128, 32), dtype=np.complex64))
     bad["Actor_77/03-01-04-02-02-01-77.npy"] = "dtype complex64"
 
-    (actor / "notes.txt").write_text("not a spectrogram\n")
-    bad["Actor_77/notes.txt"] = "not a .npy file"
+    (actor / "notes.txt").write_text("not a spectrogram\n")  # not an input: ignored, not bad (IGNORED_EXTRA)
 
     (actor / "03-01-04-02-02-02-77.npy").write_bytes(b"this is not numpy at all")
     bad["Actor_77/03-01-04-02-02-02-77.npy"] = "not a .npy file"
@@ -154,6 +153,8 @@ def add_bad_inputs(root: Path, marker: Path) -> dict[str, str]:
 
 # Good files add_bad_inputs writes besides the bad ones.
 GOOD_EXTRA = ("Actor_77/01-01-06-01-01-01-77.npy",)
+# Files add_bad_inputs writes that are not spectrograms by name: ignored, neither bad nor extracted.
+IGNORED_EXTRA = ("Actor_77/notes.txt",)
 
 
 @contextlib.contextmanager

@@ -46,11 +46,20 @@ def main(argv: list[str] | None = None) -> int:
 
 def show_progress(root: Path, run_id: str | None, *, listing: bool, as_json: bool, watch: float | None) -> int:
     """Print a run's progress (or the list of runs); with ``watch``, redraw until the run ends."""
-    from cnn_features.progress_report import ProgressNotFound, find_run, format_run, list_runs, load_run, to_dict
+    from cnn_features.progress_report import (
+        FINAL_STATES,
+        ProgressNotFound,
+        find_run,
+        format_run,
+        list_runs,
+        load_run,
+        to_dict,
+    )
 
     if listing:
         for run in list_runs(root):
-            print(f"{run.run_id}  {run.shards} shards, {run.files} files  ({run.folder})")
+            error = f"  error: {run.error}" if run.error else ""
+            print(f"{run.run_id}  {run.state}, {run.shards} shards, {run.files} files  ({run.folder}){error}")
         return 0
     try:
         folder = find_run(root, run_id)
@@ -60,7 +69,7 @@ def show_progress(root: Path, run_id: str | None, *, listing: bool, as_json: boo
             if watch and sys.stdout.isatty():
                 sys.stdout.write("\033[H\033[J")
             print(text, flush=True)
-            if not watch or run.state in ("success", "failed"):
+            if not watch or run.state in FINAL_STATES:
                 return 0 if run.state != "failed" else 1
             time.sleep(watch)
     except ProgressNotFound as exc:

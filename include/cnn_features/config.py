@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from cnn_features.backends import visible_gpus
+
 # The repository root when the package runs from a checkout (editable install).
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -25,7 +27,8 @@ DEFAULT_BATCH_SIZE = 32
 # while the current one computes, and CPU workers then take turns on the
 # cores (worker.cpu_slot). Both workers of the full demo corpus (7,442 + 1,440
 # clips) took 56.6 s this way against 60.4 s one after the other
-# (docs/benchmarks.md).
+# (docs/benchmarks.md). On a host with more GPUs the default is the GPU count,
+# one shard per GPU (runner.gpu_slot pins each to its own).
 DEFAULT_SHARD_CONCURRENCY = 2
 # Forward passes a CPU shard worker runs side by side, one single-threaded pass
 # per core; 0 means one per core this process may run on. Measured on 2 cores:
@@ -45,6 +48,28 @@ DEFAULT_S3_MAX_ATTEMPTS = 4
 DEFAULT_S3_CONNECT_TIMEOUT_S = 3.0
 DEFAULT_S3_READ_TIMEOUT_S = 30.0
 S3_RETRY_MODES = ("standard", "adaptive")
+# MiB of activations one forward pass may take; 0 derives it per worker from
+# the memory it may still use or the GPU's memory (``memory.pass_budget``).
+DEFAULT_PASS_MEMORY_MB = 0
+# Keras backend of workers, the probe and the model check (``backends``):
+# TensorFlow is what requirements.txt installs; JAX and PyTorch run the same
+# .keras models where they are installed.
+DEFAULT_KERAS_BACKEND = "tensorflow"
+KERAS_BACKENDS = ("tensorflow", "jax", "torch")
+# GPU matmul/convolution precision: full float32 keeps GPU features within
+# ~2e-7 of CPU ones (TF32: 2.9e-4, MEASURED.md), so one dataset may mix devices.
+DEFAULT_GPU_PRECISION = "float32"
+GPU_PRECISIONS = ("float32", "tf32")
+# Largest relative difference between a GPU-made feature and its CPU re-extraction
+# that verification accepts: full float32 differs by ~2e-7, TF32 by ~3e-4.
+DEFAULT_CROSSCHECK_RTOL = 1e-4
+# GPU-made files per dataset re-extracted on CPU when a run mixes devices:
+# a few seconds of CPU, enough to catch a precision setting gone wrong.
+DEFAULT_CROSSCHECK_SAMPLE = 16
+# Threads a GPU shard reads local inputs with. Measured on one H200 (docs/gpu.md):
+# 1 reader kept the stage at 0.36 of bare np.load, 8 readers at 0.24 (the GIL
+# hand-offs cost more than the reads they overlap), so one is the default.
+DEFAULT_GPU_READ_THREADS = 1
 
 
 class SettingsError(ValueError):
@@ -111,6 +136,12 @@ class Settings:
     s3_max_attempts: int = DEFAULT_S3_MAX_ATTEMPTS
     s3_connect_timeout_s: float = DEFAULT_S3_CONNECT_TIMEOUT_S
     s3_read_timeout_s: float = DEFAULT_S3_READ_TIMEOUT_S
+    keras_backend: str = DEFAULT_KERAS_BACKEND
+    gpu_precision: str = DEFAULT_GPU_PRECISION
+    crosscheck_rtol: float = DEFAULT_CROSSCHECK_RTOL
+    crosscheck_sample: int = DEFAULT_CROSSCHECK_SAMPLE
+    pass_memory_mb: int = DEFAULT_PASS_MEMORY_MB
+    gpu_read_threads: int = DEFAULT_GPU_READ_THREADS
 
     @property
     def demo_input_root(self) -> Path:
@@ -159,7 +190,7 @@ def load_settings() -> Settings:
         shard_size=_env_int("CNN_FEATURES_SHARD_SIZE", DEFAULT_SHARD_SIZE, minimum=1),
         batch_size=_env_int("CNN_FEATURES_BATCH_SIZE", DEFAULT_BATCH_SIZE, minimum=1),
         shard_concurrency=_env_int(
-            "CNN_FEATURES_SHARD_CONCURRENCY", DEFAULT_SHARD_CONCURRENCY, minimum=1
+            "CNN_FEATURES_SHARD_CONCURRENCY", max(DEFAULT_SHARD_CONCURRENCY, len(visible_gpus())), minimum=1
         ),
         cpu_threads=_env_int("CNN_FEATURES_CPU_THREADS", DEFAULT_CPU_THREADS, minimum=0),
         s3_concurrency=_env_int("CNN_FEATURES_S3_CONCURRENCY", DEFAULT_S3_CONCURRENCY, minimum=1),
@@ -169,4 +200,12 @@ def load_settings() -> Settings:
             "CNN_FEATURES_S3_CONNECT_TIMEOUT_S", DEFAULT_S3_CONNECT_TIMEOUT_S, minimum=0.1
         ),
         s3_read_timeout_s=_env_float("CNN_FEATURES_S3_READ_TIMEOUT_S", DEFAULT_S3_READ_TIMEOUT_S, minimum=0.1),
+        keras_backend=_env_choice(
+            "CNN_FEATURES_KERAS_BACKEND", _env_choice("KERAS_BACKEND", DEFAULT_KERAS_BACKEND, KERAS_BACKENDS), KERAS_BACKENDS
+        ),
+        gpu_precision=_env_choice("CNN_FEATURES_GPU_PRECISION", DEFAULT_GPU_PRECISION, GPU_PRECISIONS),
+        crosscheck_rtol=_env_float("CNN_FEATURES_CROSSCHECK_RTOL", DEFAULT_CROSSCHECK_RTOL, minimum=0.0),
+        crosscheck_sample=_env_int("CNN_FEATURES_CROSSCHECK_SAMPLE", DEFAULT_CROSSCHECK_SAMPLE, minimum=0),
+        pass_memory_mb=_env_int("CNN_FEATURES_PASS_MEMORY_MB", DEFAULT_PASS_MEMORY_MB, minimum=0),
+        gpu_read_threads=_env_int("CNN_FEATURES_GPU_READ_THREADS", DEFAULT_GPU_READ_THREADS, minimum=1),
     )

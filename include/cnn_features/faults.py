@@ -16,6 +16,9 @@ production.
                           so a run stays in progress long enough to watch it
 ``fsize_limit=BYTES``     any worker runs under RLIMIT_FSIZE=BYTES, so writing
                           a feature file fails as on a full disk
+``as_headroom=BYTES``     once its model is loaded, any worker runs under an
+                          RLIMIT_AS (address space, as ``ulimit -v``) of its
+                          size then plus BYTES: a machine short of memory
 ``probe_hang``            the GPU probe child never returns
 ``probe_crash``           the GPU probe child aborts (SIGABRT)
 ========================  =====================================================
@@ -24,6 +27,7 @@ production.
 from __future__ import annotations
 
 import os
+import resource
 import signal
 
 ENV_VAR = "CNN_FEATURES_TEST_FAULT"
@@ -53,3 +57,10 @@ def count_arg(name: str) -> int | None:
 def kill_self() -> None:
     """Die at once as a SIGKILLed process would: no cleanup, no result."""
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def limit_address_space(headroom: int) -> None:
+    """Cap this process's address space (RLIMIT_AS) at its present size plus ``headroom`` bytes."""
+    with open("/proc/self/status", encoding="ascii") as fh:
+        size = next(int(line.split()[1]) << 10 for line in fh if line.startswith("VmSize:"))
+    resource.setrlimit(resource.RLIMIT_AS, (size + headroom, size + headroom))

@@ -17,7 +17,7 @@ from typing import Any
 
 from cnn_features.config import Settings
 from cnn_features.datasets import get_dataset, label_all
-from cnn_features.errors import InvalidConf, InvalidInput, ModelError, OutputConflict, StoreError, StoreMissing
+from cnn_features.errors import InvalidConf, InvalidInput, ModelError, OutputConflict, StoreError
 from cnn_features.procs import RESULT_PREFIX, child_env, parse_line, python_module_cmd
 from cnn_features.s3 import S3Access, S3Location, S3Store, check_reachable, is_s3, parse_s3_uri, unsafe_key_reason
 from cnn_features.storage import file_sha256, write_json_atomic
@@ -33,8 +33,16 @@ MAX_SHARD_SIZE = 100_000
 MODEL_CHECK_TIMEOUT_S = 600
 # File in each output folder recording which model made its features.
 FEATURES_META = "_features.json"
+# Names of ignored (non-.npy) files carried in a plan, so a corpus folder full of
+# .wav files beside the spectrograms does not bloat XCom; the count is exact.
+MAX_IGNORED_LISTED = 1000
+# Suffix of the only files the pipeline reads; anything else in a corpus folder
+# (README.txt, .wav, .csv) is ignored, listed apart from bad inputs.
+INPUT_SUFFIX = ".npy"
 # Fields of a model's info (``model.ModelInfo``), as the check process prints them.
-_MODEL_INFO_KEYS = frozenset({"path", "sha256", "n_mels", "frames", "channel_axis", "feature_dim", "min_frames"})
+_MODEL_INFO_KEYS = frozenset(
+    {"path", "sha256", "n_mels", "frames", "channel_axis", "feature_dim", "min_frames", "activation_bytes_per_frame"}
+)
 
 
 @dataclass(frozen=True)
@@ -152,54 +160,70 @@ def validate_conf(params: dict[str, Any], settings: Settings, *, access: S3Acces
             or an input folder or prefix is missing or unreachable.
     """
     roots = allowed_roots(settings)
+    errors: list[str] = []
+    datasets: list[DatasetIO] = []
     datasets_raw = params.get("datasets")
     if not isinstance(datasets_raw, dict) or not datasets_raw:
-        msg = "datasets: expected a non-empty object of {name: {input, output}}"
-        raise InvalidConf(msg)
-    datasets: list[DatasetIO] = []
+        errors.append("datasets: expected a non-empty object of {name: {input, output}}")
+        datasets_raw = {}
     for name, io in sorted(datasets_raw.items()):
         try:
-            get_dataset(name)
-        except InvalidInput as exc:
-            raise InvalidConf(f"datasets.{name}: {exc}") from None
-        if not isinstance(io, dict) or set(io) != {"input", "output"}:
-            msg = f"datasets.{name}: expected exactly the keys 'input' and 'output', got {io!r}"
-            raise InvalidConf(msg)
-        src = checked_location(f"datasets.{name}.input", io["input"], roots)
-        dst = checked_location(f"datasets.{name}.output", io["output"], roots)
-        store = open_store(src, settings, access=access)
-        if isinstance(store, S3Store):
-            check_reachable(store, f"datasets.{name}.input")
-        elif not store.exists():
-            msg = f"datasets.{name}.input: {src} does not exist or is not a folder"
-            raise InvalidConf(msg)
-        if _overlaps(src, dst):
-            msg = f"datasets.{name}: input {src} and output {dst} overlap; keep features out of the input tree"
-            raise InvalidConf(msg)
-        datasets.append(DatasetIO(name, src, dst))
+            datasets.append(_checked_dataset(name, io, roots, settings, access))
+        except InvalidConf as exc:
+            errors.append(str(exc))
     outputs = [d.output for d in datasets]
     for i, a in enumerate(outputs):
         for b in outputs[i + 1 :]:
             if _overlaps(a, b):
-                msg = f"datasets: outputs {a} and {b} overlap; give each dataset its own folder"
-                raise InvalidConf(msg)
+                errors.append(f"datasets: outputs {a} and {b} overlap; give each dataset its own folder")
 
     device = params.get("device", "auto")
     if device not in DEVICES:
-        msg = f"device: {device!r} is not one of {', '.join(DEVICES)}"
-        raise InvalidConf(msg)
+        errors.append(f"device: {device!r} is not one of {', '.join(DEVICES)}")
     shard_size = params.get("shard_size", settings.shard_size)
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or not 1 <= shard_size <= MAX_SHARD_SIZE:
-        msg = f"shard_size: expected an integer from 1 to {MAX_SHARD_SIZE}, got {shard_size!r}"
-        raise InvalidConf(msg)
+        errors.append(f"shard_size: expected an integer from 1 to {MAX_SHARD_SIZE}, got {shard_size!r}")
     model_raw = params.get("model_path")
     local_roots = tuple(r for r in roots if isinstance(r, Path))
-    model_path = None if model_raw in (None, "") else checked_path("model_path", model_raw, local_roots)
+    model_path = None
+    try:
+        model_path = None if model_raw in (None, "") else checked_path("model_path", model_raw, local_roots)
+    except InvalidConf as exc:
+        errors.append(str(exc))
     fraction = params.get("max_bad_fraction", 0.0)
     if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0.0 <= fraction <= 1.0:
-        msg = f"max_bad_fraction: expected a number from 0 to 1, got {fraction!r}"
+        errors.append(f"max_bad_fraction: expected a number from 0 to 1, got {fraction!r}")
+    if len(errors) == 1:
+        raise InvalidConf(errors[0])
+    if errors:
+        msg = f"the run conf has {len(errors)} problems:\n  " + "\n  ".join(errors)
         raise InvalidConf(msg)
     return RunConf(tuple(datasets), device, shard_size, model_path, float(fraction))
+
+
+def _checked_dataset(
+    name: str, io: Any, roots: tuple[Location, ...], settings: Settings, access: S3Access | None
+) -> DatasetIO:
+    """Return one validated dataset entry of a run conf; raise InvalidConf naming its first problem."""
+    try:
+        get_dataset(name)
+    except InvalidInput as exc:
+        raise InvalidConf(f"datasets.{name}: {exc}") from None
+    if not isinstance(io, dict) or set(io) != {"input", "output"}:
+        msg = f"datasets.{name}: expected exactly the keys 'input' and 'output', got {io!r}"
+        raise InvalidConf(msg)
+    src = checked_location(f"datasets.{name}.input", io["input"], roots)
+    dst = checked_location(f"datasets.{name}.output", io["output"], roots)
+    store = open_store(src, settings, access=access)
+    if isinstance(store, S3Store):
+        check_reachable(store, f"datasets.{name}.input")
+    elif not store.exists():
+        msg = f"datasets.{name}.input: {src} does not exist or is not a folder"
+        raise InvalidConf(msg)
+    if _overlaps(src, dst):
+        msg = f"datasets.{name}: input {src} and output {dst} overlap; keep features out of the input tree"
+        raise InvalidConf(msg)
+    return DatasetIO(name, src, dst)
 
 
 def check_model(model_path: Path | None, settings: Settings) -> dict[str, Any]:
@@ -297,29 +321,27 @@ def claim_output(
     store = open_store(dataset.output, settings, access=access)
     meta = {"model_sha256": model["sha256"], "feature_dim": model["feature_dim"], "model_path": model["path"]}
     where = store.name(FEATURES_META)
+    # Create if absent, then read back: of two first runs only one creates the
+    # record, and each then sees whose it is (no check-then-write race).
     try:
-        existing = json.loads(store.read(FEATURES_META))
-    except StoreMissing:
-        existing = None
-    except (StoreError, ValueError) as exc:
-        msg = f"{where}: unreadable ({exc}); remove it if the folder's features may be discarded"
-        raise OutputConflict(msg) from None
-    if existing is not None:
-        if not isinstance(existing, dict) or existing.get("model_sha256") != model["sha256"]:
-            existing = existing if isinstance(existing, dict) else {}
-            msg = (
-                f"datasets.{dataset.name}.output: {store.uri} holds features of model "
-                f"{existing.get('model_path')} (sha256 {str(existing.get('model_sha256'))[:12]}), "
-                f"not of {model['path']} (sha256 {model['sha256'][:12]}); use another output folder"
-            )
-            raise OutputConflict(msg)
-        return
-    try:
-        store.write(FEATURES_META, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+        store.create(FEATURES_META, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode("utf-8"))
     except (OSError, StoreError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
         msg = f"datasets.{dataset.name}.output: cannot write to {store.uri} ({reason})"
         raise OutputConflict(msg) from None
+    try:
+        existing = json.loads(store.read(FEATURES_META))
+    except (StoreError, ValueError) as exc:
+        msg = f"{where}: unreadable ({exc}); remove it if the folder's features may be discarded"
+        raise OutputConflict(msg) from None
+    if not isinstance(existing, dict) or existing.get("model_sha256") != model["sha256"]:
+        existing = existing if isinstance(existing, dict) else {}
+        msg = (
+            f"datasets.{dataset.name}.output: {store.uri} holds features of model "
+            f"{existing.get('model_path')} (sha256 {str(existing.get('model_sha256'))[:12]}), "
+            f"not of {model['path']} (sha256 {model['sha256'][:12]}); use another output folder"
+        )
+        raise OutputConflict(msg)
 
 
 def plan_dataset(
@@ -329,19 +351,31 @@ def plan_dataset(
 
     The same folder contents and ``shard_size`` always give the same shards,
     so re-running shard ``ravdess-0003`` processes exactly its own files.
-    Names that do not parse, non-``.npy`` files, duplicate clip ids and S3
-    keys that would leave the prefix are carried in each shard's ``rejected``
-    map, to be reported, not extracted. Each file's size (from the listing)
-    travels in ``sizes``: workers order and limit reads by it.
+    Files that are not ``.npy`` by name (a README, audio) are not inputs:
+    the first shard lists them as ``ignored`` (with ``ignored_count``), and
+    they count toward no bad fraction. ``.npy`` names that do not parse,
+    duplicate clip ids and S3 keys that would leave the prefix are carried in
+    each shard's ``rejected`` map, to be reported, not extracted. Each file's
+    size (from the listing) travels in ``sizes``: workers order and limit
+    reads by it.
     """
     spec = get_dataset(dataset.name)
-    listed = open_store(dataset.input, settings, access=access).list()
-    files = [rel for rel, _ in listed]
+    listed, unnamed = _printable_names(open_store(dataset.input, settings, access=access).list())
+    ignored = [
+        rel
+        for rel, _ in listed
+        if not rel.endswith(INPUT_SUFFIX) and rel not in unnamed and unsafe_key_reason(rel) is None
+    ]
+    skip = set(ignored)
+    files = [rel for rel, _ in listed if rel not in skip]
     sizes = dict(listed)
+    if ignored:
+        log.info("dataset %s: %d file(s) that are not %s ignored, e.g. %s", dataset.name, len(ignored), INPUT_SUFFIX, ignored[0])
     _, rejected = label_all(spec, files)
     for rel in files:
         if (reason := unsafe_key_reason(rel)) is not None:
             rejected[rel] = reason
+    rejected.update(unnamed)
     chunks = [files[i : i + shard_size] for i in range(0, len(files), shard_size)]
     return [
         {
@@ -355,9 +389,32 @@ def plan_dataset(
             "files": chunk,
             "sizes": [sizes[rel] for rel in chunk],
             "rejected": {rel: rejected[rel] for rel in chunk if rel in rejected},
+            "ignored": ignored[:MAX_IGNORED_LISTED] if index == 1 else [],
+            "ignored_count": len(ignored) if index == 1 else 0,
         }
         for index, chunk in enumerate(chunks, start=1)
     ]
+
+
+def _printable_names(listed: list[tuple[str, int]]) -> tuple[list[tuple[str, int]], dict[str, str]]:
+    """Replace names that are not valid UTF-8 by their ``repr()``; return the listing and their reasons.
+
+    Such a name (bytes the file system kept, decoded with surrogates) cannot
+    be serialised into XCom; it travels only as its ``repr()``, a bad input
+    that no worker reads.
+    """
+    named: list[tuple[str, int]] = []
+    reasons: dict[str, str] = {}
+    for rel, size in listed:
+        try:
+            rel.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = repr(rel)
+            reasons[shown] = f"{shown}: file name is not valid UTF-8; rename the file"
+            named.append((shown, size))
+            continue
+        named.append((rel, size))
+    return named, reasons
 
 
 def plan_run(

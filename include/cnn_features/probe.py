@@ -3,13 +3,14 @@
 ``run_probe`` (parent side) starts ``python -m cnn_features.probe`` and turns
 any crash, hang or error of the child into "no usable GPU" with the reason.
 The child asks the CUDA driver directly (ctypes, no framework), then checks
-that TensorFlow can create a context and run a kernel on the GPU.
+that the configured Keras backend (TensorFlow, JAX or PyTorch; ``backends``)
+can create a context and run a kernel on the GPU. A driver with a CPU-only
+build of the backend is reported as exactly that, with the fix.
 """
 
 from __future__ import annotations
 
 import ctypes
-import importlib.metadata
 import logging
 import os
 import subprocess
@@ -17,13 +18,23 @@ import sys
 import time
 from typing import Any
 
-from cnn_features import faults
+from cnn_features import backends, faults
 from cnn_features.procs import RESULT_PREFIX, child_env, die_with_parent, emit, parse_line, python_module_cmd
 
 log = logging.getLogger(__name__)
 
 
+# How to get a GPU build of each backend, for a report that found a driver
+# but a framework that cannot use it.
+_GPU_BUILD_FIX = {
+    "tensorflow": "install the GPU build: CNN_FEATURES_GPU=1 bash scripts/setup.sh (tensorflow[and-cuda], README 'Running on a GPU')",
+    "jax": "install JAX's CUDA build: pip install 'jax[cuda13]' (or 'jax[cuda12]' for a CUDA 12 driver)",
+    "torch": "install a CUDA build of PyTorch from the PyTorch wheel index for your driver's CUDA version",
+}
+
+
 def _no_gpu(error: str, **extra: Any) -> dict[str, Any]:
+    backend, precision = backends.configured()
     return {
         "usable": False,
         "device_name": None,
@@ -31,8 +42,9 @@ def _no_gpu(error: str, **extra: Any) -> dict[str, Any]:
         "driver_version": None,
         "cuda_version": None,
         "cudnn_version": None,
-        "framework": "tensorflow",
+        "framework": backend,
         "framework_version": None,
+        "precision": precision,
         "error": error,
         **extra,
     }
@@ -51,7 +63,7 @@ def run_probe(*, timeout_s: float) -> dict[str, Any]:
     try:
         proc = subprocess.run(
             cmd,
-            env=child_env("gpu"),
+            env=child_env("gpu", _backend_env()),
             capture_output=True,
             text=True,
             timeout=timeout_s,
@@ -67,6 +79,11 @@ def run_probe(*, timeout_s: float) -> dict[str, Any]:
     report["elapsed_s"] = round(time.monotonic() - started, 3)
     _log_report(report)
     return report
+
+
+def _backend_env() -> dict[str, str]:
+    backend, precision = backends.configured()
+    return backends.backend_env(backend, "gpu", precision=precision)
 
 
 def _result_of(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:
@@ -143,42 +160,18 @@ def _cuda_driver() -> dict[str, Any]:
     }
 
 
-def _installed_tensorflow() -> str | None:
-    """Return the installed TensorFlow's version without importing it."""
-    for dist in ("tensorflow", "tensorflow-cpu"):
-        try:
-            return importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return None
-
-
-def _tensorflow_gpu(report: dict[str, Any]) -> None:
-    """Fill in TensorFlow's view; raise RuntimeError if it cannot use the GPU."""
-    import tensorflow as tf
-
-    build = tf.sysconfig.get_build_info()
-    report["framework_version"] = tf.__version__
-    report["cuda_version"] = build.get("cuda_version")
-    report["cudnn_version"] = build.get("cudnn_version")
-    if not tf.test.is_built_with_cuda():
-        msg = "this TensorFlow build has no CUDA support (install the GPU build, see README)"
-        raise RuntimeError(msg)
-    gpus = tf.config.list_physical_devices("GPU")
-    if not gpus:
-        msg = "TensorFlow sees no GPU"
-        raise RuntimeError(msg)
-    for gpu in gpus:
-        tf.config.experimental.set_memory_growth(gpu, True)
-    with tf.device("/GPU:0"):
-        x = tf.random.uniform((256, 256))
-        checksum = float(tf.reduce_sum(tf.linalg.matmul(x, x)))
-    if checksum != checksum:  # NaN: the kernel ran but produced garbage
-        msg = "a test matmul on the GPU returned NaN"
-        raise RuntimeError(msg)
-    details = tf.config.experimental.get_device_details(gpus[0])
-    report["device_name"] = report.get("device_name") or details.get("device_name")
-    report["compute_capability"] = details.get("compute_capability")
+def _framework_gpu(report: dict[str, Any]) -> None:
+    """Fill in the configured backend's view; raise GpuUnavailable if it cannot use the GPU."""
+    backend = backends.prepare_process("gpu")
+    report["framework"] = backend
+    try:
+        report.update(backends.framework_versions(backend))
+    except ImportError as exc:
+        msg = f"Keras backend {backend} is not installed ({exc})"
+        raise backends.GpuUnavailable(msg) from None
+    gpu = backends.init_gpu(backend)
+    report["device_name"] = report.get("device_name") or gpu.name
+    report["framework_device_name"] = gpu.name
 
 
 def probe_main() -> int:
@@ -196,13 +189,21 @@ def probe_main() -> int:
         # Without a working driver no framework can use a GPU: skip the
         # seconds of TensorFlow import and report its installed version.
         report["error"] = str(exc)
-        report["framework_version"] = _installed_tensorflow()
+        report["driver_found"] = "not loadable" not in str(exc)
+        report["framework_version"] = backends.installed_version(report["framework"])
         emit(RESULT_PREFIX, report)
         return 0
+    report["driver_found"] = True
     try:
-        _tensorflow_gpu(report)
+        _framework_gpu(report)
     except Exception as exc:  # noqa: BLE001 - any framework failure means "not usable"
-        report["error"] = f"{type(exc).__name__}: {exc}"
+        what = str(exc) if isinstance(exc, backends.GpuUnavailable) else f"{type(exc).__name__}: {exc}"
+        fix = _GPU_BUILD_FIX.get(report["framework"], "")
+        report["error"] = (
+            f"NVIDIA driver {report.get('driver_version')} and {report.get('device_count')} GPU(s) found, "
+            f"but {report['framework']} cannot use them: {what}" + (f". Fix: {fix}" if fix else "")
+        )
+        report["fix"] = fix
     else:
         report["usable"] = True
         report["error"] = None

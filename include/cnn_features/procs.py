@@ -25,16 +25,43 @@ _PR_SET_PDEATHSIG = 1
 # the deployment set the variable itself.
 _ONEDNN_ENV = "TF_ENABLE_ONEDNN_OPTS"
 _ONEDNN_MACHINES = frozenset({"x86_64", "AMD64"})
+# Variables a child inherits, by exact name: the process basics, proxies and CA
+# bundles (boto3, TLS). Everything else in the parent's environment (the
+# Airflow JWT secret, the database URL, other services' tokens) stays out of
+# children that parse user-supplied files.
+_CHILD_ENV_NAMES = frozenset({
+    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TZ", "TERM",
+    "TMPDIR", "TEMP", "TMP", "VIRTUAL_ENV", "LD_LIBRARY_PATH", "LD_PRELOAD",
+    "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "no_proxy", "all_proxy",
+    "REQUESTS_CA_BUNDLE", "SSL_CERT_FILE", "SSL_CERT_DIR", "CURL_CA_BUNDLE",
+    "MPLBACKEND", "MPLCONFIGDIR",
+})
+# Prefixes of inherited variables: Python, this package, TensorFlow, Keras and
+# its backends (JAX/XLA, torch), CUDA and NVIDIA libraries, thread pools,
+# boto3 (AWS_*, endpoint and CA bundle included), locale, XDG folders and
+# coverage of child processes in tests.
+_CHILD_ENV_PREFIXES = (
+    "PYTHON", "CNN_FEATURES_", "TF_", "KERAS_", "JAX_", "XLA_", "TORCH", "PYTORCH_", "CUDA_", "CUDNN_",
+    "NVIDIA_", "NCCL_", "NV_", "TPU_", "OMP_", "MKL_", "KMP_", "OPENBLAS_", "ONEDNN_", "DNNL_", "AWS_",
+    "BOTO_", "LC_", "XDG_", "COVERAGE_", "COV_CORE_",
+)
+
+
+def inherited_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """Return the variables of ``environ`` (this process's by default) that a child may see (the allowlist above)."""
+    source = os.environ if environ is None else environ
+    return {k: v for k, v in source.items() if k in _CHILD_ENV_NAMES or k.startswith(_CHILD_ENV_PREFIXES)}
 
 
 def child_env(device: Device, extra: dict[str, str] | None = None) -> dict[str, str]:
     """Return the environment for a child that must run on ``device``, plus ``extra``.
 
     A CPU child gets CUDA hidden (``CUDA_VISIBLE_DEVICES=-1``) so nothing in it
-    can touch a GPU, however the libraries are built. ``extra`` carries what
-    only the environment may carry, such as S3 credentials (``S3Access.env``).
+    can touch a GPU, however the libraries are built. Only allowlisted
+    variables are inherited (``inherited_env``); ``extra`` carries what only
+    the environment may carry, such as S3 credentials (``S3Access.env``).
     """
-    env = {**os.environ, **(extra or {})}
+    env = {**inherited_env(), **(extra or {})}
     env[PARENT_PID_ENV] = str(os.getpid())
     env["PYTHONUNBUFFERED"] = "1"
     # TensorFlow's C++ INFO/WARNING chatter (oneDNN notices, CPU flags) buries

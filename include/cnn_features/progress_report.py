@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from cnn_features.errors import CnnFeaturesError
-from cnn_features.progress import PLAN_NAME, run_folder
+from cnn_features.progress import PLAN_NAME, VERIFICATION_NAME, run_folder
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,11 @@ PLOT_NAMES = ("pca.png", "throughput.png")
 QUIET_AFTER_S = 60.0
 # States a shard can be in, as the page and the terminal show them.
 SHARD_STATES = ("pending", "running", "success", "failed")
+# A run's states: its shards' ones, and "verifying" once every shard is done but
+# verification has not said yet. A run is "success" only once verification passed.
+RUN_STATES = (*SHARD_STATES, "verifying")
+# Run states that no longer change.
+FINAL_STATES = ("success", "failed")
 
 
 class ProgressNotFound(CnnFeaturesError):
@@ -79,6 +84,10 @@ class DatasetProgress:
     done: int
     state: str
     shards: tuple[ShardProgress, ...]
+    extracted: int = 0
+    skipped: int = 0
+    bad: int = 0
+    ignored: int = 0
 
 
 @dataclass(frozen=True)
@@ -97,6 +106,13 @@ class RunProgress:
     datasets: tuple[DatasetProgress, ...]
     samples: tuple[Sample, ...]
     plots: tuple[Path, ...]
+    extracted: int = 0
+    skipped: int = 0
+    bad: int = 0
+    ignored: int = 0
+    verification: str = "pending"  # "passed", "failed", or "pending" (not verified yet)
+    error: str | None = None  # why the run failed, when the plan or verification says
+    dag_state: str | None = None  # the Airflow DAG run's state, where Airflow was asked
 
     @property
     def shards(self) -> tuple[ShardProgress, ...]:
@@ -113,6 +129,8 @@ class RunSummary:
     created: float
     shards: int
     files: int
+    state: str = "pending"
+    error: str | None = None
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
@@ -207,6 +225,27 @@ def combined_state(states: list[str]) -> str:
     return "success"
 
 
+def run_state(shards_state: str, verification: str, *, dag_state: str | None = None, error: str | None = None) -> str:
+    """Return a run's state: failed if its plan, a shard, verification or the DAG run failed; success only once verified."""
+    if error or dag_state == "failed" or shards_state == "failed" or verification == "failed":
+        return "failed"
+    if shards_state == "success":
+        return "success" if verification == "passed" or dag_state == "success" else "verifying"
+    return shards_state
+
+
+def read_verification(folder: Path) -> dict[str, Any] | None:
+    """Return the run's verification record, or None when verification has not recorded one."""
+    try:
+        record = json.loads((folder / VERIFICATION_NAME).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, json.JSONDecodeError) as exc:
+        log.warning("%s: unreadable (%s)", folder / VERIFICATION_NAME, exc)
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def _samples(records_by_shard: dict[str, list[dict[str, Any]]], datasets: dict[str, str], start: float) -> list[Sample]:
     samples = [
         Sample(
@@ -223,12 +262,14 @@ def _samples(records_by_shard: dict[str, list[dict[str, Any]]], datasets: dict[s
     return sorted(samples, key=lambda s: (s.t, s.shard_id))
 
 
-def load_run(folder: Path) -> RunProgress:
-    """Read one run's plan and records into a ``RunProgress``.
+def load_run(folder: Path, *, dag_state: str | None = None) -> RunProgress:
+    """Read one run's plan, records and verification outcome into a ``RunProgress``.
 
-    The run's rate is the files done per second of wall time between its first
-    and last record (shard start-up included), so the ETA it gives for the
-    files left counts the start-up of the shards still to come.
+    The run's rate is the files extracted (not skipped) per second of wall
+    time between its first and last record (shard start-up included), so the
+    ETA it gives for the files left counts the start-up of the shards still
+    to come. The state comes from the shards, verification's record and,
+    where the caller asked Airflow, ``dag_state`` (``run_state``).
 
     Raises:
         ProgressNotFound: the folder has no readable ``plan.json``.
@@ -244,26 +285,29 @@ def load_run(folder: Path) -> RunProgress:
     entries: list[dict[str, Any]] = list(plan.get("shards", []))
     records = {e["shard_id"]: read_records(folder / f"{e['shard_id']}.jsonl") for e in entries}
     shards = [shard_progress(e, records[e["shard_id"]]) for e in entries]
+    ignored_of: dict[str, int] = {}
+    for entry in entries:
+        ignored_of[entry["dataset"]] = ignored_of.get(entry["dataset"], 0) + _int(entry, "ignored")
+    verified = read_verification(folder)
+    verified_sets: dict[str, Any] = verified.get("datasets", {}) if verified else {}
 
     by_dataset: dict[str, list[ShardProgress]] = {}
     for shard in shards:
         by_dataset.setdefault(shard.dataset, []).append(shard)
-    datasets = tuple(
-        DatasetProgress(
-            name=name,
-            total=sum(s.total for s in group),
-            done=sum(s.done for s in group),
-            state=combined_state([s.state for s in group]),
-            shards=tuple(group),
-        )
-        for name, group in by_dataset.items()
-    )
+    datasets = tuple(_dataset(name, group, ignored_of.get(name, 0), verified_sets.get(name)) for name, group in by_dataset.items())
     stamps = [_float(r, "ts") for rs in records.values() for r in rs if _float(r, "ts") > 0]
     first, last = (min(stamps), max(stamps)) if stamps else (None, None)
     total = sum(s.total for s in shards)
     done = sum(s.done for s in shards)
-    state = combined_state([s.state for s in shards])
-    rate = done / (last - first) if first is not None and last is not None and last > first else 0.0
+    extracted = sum(s.extracted for s in shards)
+    verification = "pending" if verified is None else ("passed" if verified.get("passed") is True else "failed")
+    error = str(plan["error"]) if plan.get("error") else None
+    if error is None and verification == "failed":
+        problems = [str(p) for p in verified.get("problems", [])] if verified else []
+        error = f"verification failed with {_int(verified or {}, 'problem_count')} problem(s)"
+        error += f", e.g. {problems[0]}" if problems else ""
+    state = run_state(combined_state([s.state for s in shards]), verification, dag_state=dag_state, error=error)
+    rate = extracted / (last - first) if first is not None and last is not None and last > first else 0.0
     eta: float | None = None
     if state == "success":
         eta = 0.0
@@ -283,6 +327,34 @@ def load_run(folder: Path) -> RunProgress:
         datasets=datasets,
         samples=tuple(_samples(records, {s.shard_id: s.dataset for s in shards}, first or 0.0)),
         plots=tuple(plots_dir / name for name in PLOT_NAMES if (plots_dir / name).is_file()),
+        extracted=extracted,
+        skipped=sum(d.skipped for d in datasets),
+        bad=sum(d.bad for d in datasets),
+        ignored=sum(ignored_of.values()),
+        verification=verification,
+        error=error,
+        dag_state=dag_state,
+    )
+
+
+def _dataset(name: str, group: list[ShardProgress], ignored: int, verified: Any) -> DatasetProgress:
+    """Sum one dataset's shards; verification's record, when there is one, gives its bad count and can fail it."""
+    state = combined_state([s.state for s in group])
+    bad = sum(s.bad for s in group)
+    if isinstance(verified, dict):
+        bad = _int(verified, "bad_inputs") if "bad_inputs" in verified else bad
+        if verified.get("passed") is False:
+            state = "failed"
+    return DatasetProgress(
+        name=name,
+        total=sum(s.total for s in group),
+        done=sum(s.done for s in group),
+        state=state,
+        shards=tuple(group),
+        extracted=sum(s.extracted for s in group),
+        skipped=sum(s.skipped for s in group),
+        bad=bad,
+        ignored=ignored,
     )
 
 
@@ -305,27 +377,46 @@ def find_run(root: Path, run_id: str | None) -> Path:
     return runs[0].folder
 
 
-def list_runs(root: Path) -> list[RunSummary]:
-    """Return every run with a plan under ``root``, newest first."""
+def list_runs(root: Path, *, dag_runs: dict[str, tuple[str, float]] | None = None) -> list[RunSummary]:
+    """Return every run under ``root`` with its state (and error), newest first.
+
+    ``dag_runs`` maps the DAG's run ids to (state, created Unix time), where
+    Airflow was asked: their states count (``run_state``), and a run with no
+    records at all (it failed before its plan was recorded) is listed too.
+    """
     runs: list[RunSummary] = []
-    if not root.is_dir():
-        return runs
-    for plan_path in root.glob(f"*/{PLAN_NAME}"):
-        try:
-            plan = json.loads(plan_path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            log.warning("%s: skipped, unreadable (%s)", plan_path, exc)
-            continue
-        shards = plan.get("shards", [])
-        runs.append(
-            RunSummary(
-                run_id=str(plan.get("run_id", plan_path.parent.name)),
-                folder=plan_path.parent,
-                created=_float(plan, "created"),
-                shards=len(shards),
-                files=sum(int(s.get("files", 0)) for s in shards),
+    known = dag_runs or {}
+    if root.is_dir():
+        for plan_path in root.glob(f"*/{PLAN_NAME}"):
+            try:
+                plan = json.loads(plan_path.read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError) as exc:
+                log.warning("%s: skipped, unreadable (%s)", plan_path, exc)
+                continue
+            run_id = str(plan.get("run_id", plan_path.parent.name))
+            try:
+                progress = load_run(plan_path.parent, dag_state=known.get(run_id, (None, 0.0))[0])
+            except ProgressNotFound as exc:
+                state, error = "failed", str(exc)
+            else:
+                state, error = progress.state, progress.error
+            shards = plan.get("shards", [])
+            runs.append(
+                RunSummary(
+                    run_id=run_id,
+                    folder=plan_path.parent,
+                    created=_float(plan, "created"),
+                    shards=len(shards),
+                    files=sum(int(s.get("files", 0)) for s in shards),
+                    state=state,
+                    error=error,
+                )
             )
-        )
+    seen = {r.run_id for r in runs}
+    for run_id, (dag_state, created) in known.items():
+        if run_id not in seen:
+            error = "no plan recorded: the run failed before plan_shards recorded one (see its log)" if dag_state == "failed" else None
+            runs.append(RunSummary(run_id, run_folder(root, run_id), created, 0, 0, state=dag_state, error=error))
     return sorted(runs, key=lambda r: (r.created, r.run_id), reverse=True)
 
 
@@ -361,26 +452,40 @@ def device_text(shard: ShardProgress) -> str:
     return text
 
 
+def rate_text(shard: ShardProgress) -> str:
+    """Return a shard's files/s over the files it extracted; ``-`` for a finished shard that extracted none (all skipped)."""
+    if shard.extracted == 0 and shard.state in FINAL_STATES:
+        return "-"
+    return f"{shard.files_per_s:.1f}"
+
+
 def format_run(run: RunProgress, *, now: float | None = None) -> str:
     """Return the run's progress as a plain-text table for a terminal."""
     now = time.time() if now is None else now
     lines = [
-        f"run {run.run_id}: {run.state}, {run.done}/{run.total} files, "
-        f"{run.files_per_s:.1f} files/s, ETA {format_duration(run.eta_s)}",
+        f"run {run.run_id}: {run.state}, {run.done}/{run.total} files "
+        f"({run.extracted} extracted, {run.skipped} skipped, {run.bad} bad, {run.ignored} ignored), "
+        f"{run.files_per_s:.1f} files/s extracted, ETA {format_duration(run.eta_s)}",
     ]
     if run.updated is not None:
         lines[0] += f", last record {format_duration(now - run.updated)} ago"
-    header = f"  {'shard':<16} {'state':<8} {'files':>11} {'files/s':>8} {'ETA':>7}  device"
+    lines.append(f"verification: {run.verification}" + (f"; DAG run: {run.dag_state}" if run.dag_state else ""))
+    if run.error:
+        lines.append(f"error: {run.error}")
+    header = f"  {'shard':<16} {'state':<8} {'files':>11} {'skipped':>8} {'bad':>5} {'files/s':>8} {'ETA':>7}  device"
     for dataset in run.datasets:
-        lines.append(f"{dataset.name}: {dataset.state}, {dataset.done}/{dataset.total} files")
+        lines.append(
+            f"{dataset.name}: {dataset.state}, {dataset.done}/{dataset.total} files "
+            f"({dataset.skipped} skipped, {dataset.bad} bad, {dataset.ignored} ignored)"
+        )
         lines.append(header)
         for shard in dataset.shards:
             state = shard.state
             if state == "running" and shard.updated is not None and now - shard.updated > QUIET_AFTER_S:
                 state = "quiet"
             lines.append(
-                f"  {shard.label:<16} {state:<8} {f'{shard.done}/{shard.total}':>11} "
-                f"{shard.files_per_s:>8.1f} {format_duration(shard.eta_s):>7}  {device_text(shard)}"
+                f"  {shard.label:<16} {state:<8} {f'{shard.done}/{shard.total}':>11} {shard.skipped:>8} {shard.bad:>5} "
+                f"{rate_text(shard):>8} {format_duration(shard.eta_s):>7}  {device_text(shard)}"
             )
             if shard.error:
                 lines.append(f"    error: {shard.error}")

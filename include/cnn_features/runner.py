@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from cnn_features.backends import backend_env, visible_gpus
 from cnn_features.config import load_settings
 from cnn_features.errors import ShardFailed, StoreError
 from cnn_features.procs import (
@@ -40,9 +41,11 @@ from cnn_features.stores import open_store
 
 log = logging.getLogger(__name__)
 
-# Worker statuses that a CPU re-run can fix: the GPU would not start, or the
-# process died (CUDA fault, OOM kill, driver crash) without reporting.
-_GPU_FAULTS = frozenset({"gpu_init_failed", "died"})
+# Worker statuses that a CPU re-run can fix: the GPU would not start, a GPU
+# pass raised (CUDA error, out of GPU memory), or the process died (CUDA
+# fault, OOM kill, driver crash) without reporting. Read, write, store, model
+# and internal errors would fail the same way on CPU: they are not re-run.
+_GPU_FAULTS = frozenset({"gpu_init_failed", "gpu_failed", "died"})
 # Lines of worker output kept to explain a death.
 _TAIL_LINES = 20
 # TensorFlow's start-up chatter that no log level setting silences: absl INFO
@@ -50,6 +53,12 @@ _TAIL_LINES = 20
 _NOISE = re.compile(r"^(I\d{4} \d\d:\d\d:|WARNING: All log messages before absl::InitializeLog)")
 # Folder (inside each output folder) holding each shard's last result.
 SHARD_RESULTS_DIR = "_shards"
+# Suffix of shard claim files (``shard_lock``) in an output's lock folder, and
+# the lock that makes claims there one at a time.
+_CLAIM_SUFFIX = ".lock"
+_CLAIMS_MUTEX = "claims.mutex"
+# Seconds between tries for a busy GPU slot: negligible next to a shard.
+_GPU_SLOT_POLL_S = 0.2
 
 ProgressCallback = Callable[[dict[str, Any]], None]
 
@@ -142,6 +151,71 @@ def _run_worker(
     return Attempt(device, status, result, result.get("error"), returncode, elapsed)
 
 
+def _run_attempt(
+    spec_path: Path,
+    device: Device,
+    shard_id: str,
+    on_progress: ProgressCallback | None,
+    env: dict[str, str],
+    *,
+    probe: dict[str, Any],
+) -> Attempt:
+    """Run one worker with the configured Keras backend; a GPU worker is pinned to a free GPU while it runs."""
+    settings = load_settings()
+    extra = {**env, **backend_env(settings.keras_backend, device, precision=settings.gpu_precision)}
+    gpus = visible_gpus(count=probe.get("device_count")) if device == "gpu" else []
+    if not gpus:
+        return _run_worker(spec_path, device, shard_id, on_progress, extra)
+    with gpu_slot(gpus, shard_id) as gpu:
+        log.info("shard %s: pinned to GPU %s (CUDA_VISIBLE_DEVICES=%s) of %d", shard_id, gpu, gpu, len(gpus))
+        return _run_worker(spec_path, device, shard_id, on_progress, {**extra, "CUDA_VISIBLE_DEVICES": gpu})
+
+
+def gpu_slot_folder() -> Path:
+    """Return the per-user folder of GPU (and CPU) slot locks, shared by every deployment on the machine."""
+    return Path(tempfile.gettempdir()) / f"cnn-features-{os.getuid()}"
+
+
+@contextlib.contextmanager
+def gpu_slot(gpus: list[str], shard_id: str, *, poll_s: float = _GPU_SLOT_POLL_S) -> Iterator[str]:
+    """Hold one GPU's slot for a worker; yield its ``CUDA_VISIBLE_DEVICES`` id.
+
+    One shard per GPU: N GPUs run N shards at once, each in a worker that
+    sees only its own GPU, and a further shard waits for the first GPU to
+    come free. Slots are ``flock`` locks held by this (parent) process, so the
+    kernel frees a slot whose holder died, however it died.
+    """
+    folder = gpu_slot_folder()
+    folder.mkdir(mode=0o700, exist_ok=True)
+    handles: list[tuple[str, IO[str]]] = []
+    try:
+        for gpu in gpus:
+            safe = re.sub(r"[^A-Za-z0-9_.-]", "_", gpu)
+            handles.append((gpu, open(folder / f"gpu-slot-{safe}.lock", "a+", encoding="utf-8")))  # noqa: SIM115 - closed below
+        waiting_since: float | None = None
+        while True:
+            for gpu, handle in handles:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue
+                if waiting_since is not None:
+                    log.info("shard %s: got GPU %s after %.1f s", shard_id, gpu, time.monotonic() - waiting_since)
+                handle.seek(0)
+                handle.truncate()
+                handle.write(f"shard {shard_id}, pid {os.getpid()}\n")
+                handle.flush()
+                yield gpu
+                return
+            if waiting_since is None:
+                waiting_since = time.monotonic()
+                log.info("shard %s: every GPU (%s) is busy; waiting for one", shard_id, ", ".join(gpus))
+            time.sleep(poll_s)
+    finally:
+        for _, handle in handles:
+            handle.close()  # closing drops the lock
+
+
 def run_shard(
     spec: dict[str, Any],
     *,
@@ -164,7 +238,7 @@ def run_shard(
         ShardFailed: the shard could not be completed on any device.
     """
     shard_id = spec["shard_id"]
-    with shard_lock(spec["output"], shard_id):
+    with shard_lock(spec["output"], shard_id, spec["files"]):
         return _run_locked(
             spec,
             shard_id,
@@ -188,42 +262,118 @@ def _lock_folder(output: str) -> Path:
 
 
 @contextlib.contextmanager
-def shard_lock(output: str | Path, shard_id: str) -> Iterator[None]:
-    """Hold an exclusive lock on one shard of one output folder, or fail at once.
+def shard_lock(output: str | Path, shard_id: str, files: list[str]) -> Iterator[None]:
+    """Hold a claim on ``files`` of one output folder while the block runs, or fail at once.
 
-    Two runs extracting the same shard into the same folder would only do the
-    work twice (writes are atomic and idempotent), so the second one fails
-    fast, naming the holder, and Airflow retries it later. The kernel drops
-    the lock when its holder dies, so a killed run never blocks the next.
+    The claim is keyed to the files, not the shard id: a shard of another
+    run (another ``shard_size``, another corpus listing) whose files overlap
+    a live claim is refused, and a shard whose id is taken but whose files
+    are not runs. Each claim is a lock file in the output's lock folder
+    (``_lock_folder``), named by the shard id and a digest of its files,
+    held with ``flock`` and listing the files; claims are made one at a time
+    under ``claims.mutex``, and a claim file whose lock can be taken is a dead
+    holder's and is removed. The kernel (or the NFS server, when a client's
+    lease ends) drops a dead holder's locks, so a killed run never blocks the
+    next. Assumes a file system whose ``flock`` is honoured by every host
+    sharing the folder: local ones and NFSv4; not SMB or most FUSE mounts.
 
     Raises:
-        ShardFailed: another process holds the lock.
+        ShardFailed: a live holder claims some of the files, or the lock folder cannot be written.
     """
     folder = _lock_folder(str(output))
+    wanted = sorted(set(files))
+    digest = hashlib.sha256("\n".join(wanted).encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    path = folder / f"{shard_id}-{digest}{_CLAIM_SUFFIX}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fh = open(folder / f"{shard_id}.lock", "a+", encoding="utf-8")  # noqa: SIM115 - held for the block
+        with _open_rw(folder / _CLAIMS_MUTEX) as mutex:
+            fcntl.flock(mutex, fcntl.LOCK_EX)  # held for a moment: while one claim is checked and written
+            claim = _claim(path, shard_id, wanted, output)
     except OSError as exc:
         msg = f"shard {shard_id}: cannot write to output folder {output} ({exc.strerror or exc})"
         raise ShardFailed(msg) from None
+    with claim:
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                if os.fstat(claim.fileno()).st_ino == os.stat(path).st_ino:
+                    path.unlink()
+
+
+
+def _open_rw(path: Path, *, create: bool = True) -> IO[str]:
+    """Open a lock file for update (creating it unless told not to); writable, as NFS's emulation of ``flock`` needs."""
+    fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0) | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    return os.fdopen(fd, "r+", encoding="utf-8")
+
+
+def _claim(path: Path, shard_id: str, files: list[str], output: str | Path) -> IO[str]:
+    """Take the claim file ``path`` for ``files`` unless a live claim overlaps them; return it, locked.
+
+    Call with the claims mutex held. Raises ShardFailed naming the holder.
+    """
+    while True:
+        fh = _open_rw(path)
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_claim(fh).get("holder", "another process")
+            fh.close()
+            msg = f"shard {shard_id}: {output} is being extracted by {holder}; not running it twice at once"
+            raise ShardFailed(msg) from None
+        if os.fstat(fh.fileno()).st_nlink > 0:
+            break
+        fh.close()  # its last holder removed it between our open and our lock: open the name again
+    try:
+        mine = set(files)
+        for other in sorted(path.parent.glob(f"*{_CLAIM_SUFFIX}")):
+            if other.name != path.name and (clash := _live_overlap(other, mine)) is not None:
+                holder, count = clash
+                msg = (
+                    f"shard {shard_id}: {count} of its files in {output} are being extracted by {holder}; "
+                    "not running them twice at once"
+                )
+                raise ShardFailed(msg)
+        fh.seek(0)
+        fh.truncate()
+        json.dump({"holder": f"pid {os.getpid()} on {socket.gethostname()} (shard {shard_id})", "files": files}, fh)
+        fh.flush()
+    except BaseException:
+        fh.close()
+        raise
+    return fh
+
+
+def _live_overlap(path: Path, files: set[str]) -> tuple[str, int] | None:
+    """Return (holder, files in common) if a live holder claims some of ``files`` in ``path``; remove a dead claim."""
+    try:
+        fh = _open_rw(path, create=False)
+    except FileNotFoundError:
+        return None
     with fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "another process"
-            msg = f"shard {shard_id}: {output} is being extracted by {holder}; not running it twice at once"
-            raise ShardFailed(msg) from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        fh.flush()
-        try:
-            yield
-        finally:
-            fh.seek(0)
-            fh.truncate()
-            fcntl.flock(fh, fcntl.LOCK_UN)
+            claim = _read_claim(fh)
+            theirs = claim.get("files")
+            if not isinstance(theirs, list):  # unreadable: an older version's lock; assume the worst
+                return str(claim.get("holder", "another process")), len(files)
+            common = len(files.intersection(theirs))
+            return (str(claim.get("holder", "another process")), common) if common else None
+        path.unlink(missing_ok=True)  # its holder died (the lock was free): a stale claim
+    return None
+
+
+def _read_claim(fh: IO[str]) -> dict[str, Any]:
+    """Return what a claim file says (holder, files), or {} where it says nothing readable."""
+    fh.seek(0)
+    text = fh.read()
+    try:
+        claim = json.loads(text)
+    except ValueError:
+        return {"holder": text.strip()} if text.strip() else {}
+    return claim if isinstance(claim, dict) else {}
 
 
 def _run_locked(
@@ -249,9 +399,10 @@ def _run_locked(
         records.write(state="running", device=device, done=0, files_per_s=0.0, fallback_reason=None)
     with tempfile.TemporaryDirectory(prefix="cnn-shard-") as tmp:
         spec_path = Path(tmp) / "spec.json"
-        write_json_atomic(spec_path, spec)
+        # The GPU's memory, from the probe, sizes a GPU worker's passes (memory.pass_budget).
+        write_json_atomic(spec_path, {**spec, "gpu_memory_mb": probe.get("memory_total_mb")})
         env = access.env()
-        attempts.append(_run_worker(spec_path, device, shard_id, on_progress, env))
+        attempts.append(_run_attempt(spec_path, device, shard_id, on_progress, env, probe=probe))
         if device == "gpu" and attempts[-1].status in _GPU_FAULTS:
             fallback_reason = attempts[-1].error
             log.warning(
@@ -260,7 +411,7 @@ def _run_locked(
                 fallback_reason,
             )
             device = "cpu"
-            attempts.append(_run_worker(spec_path, device, shard_id, on_progress, env))
+            attempts.append(_run_attempt(spec_path, device, shard_id, on_progress, env, probe=probe))
     final = attempts[-1]
     if final.status != "ok":
         msg = f"shard {shard_id} ({spec['dataset']}) failed on {final.device.upper()}: {final.error}"

@@ -40,6 +40,9 @@ _ENV_KEYS = {
 }
 # Error codes S3 gives for a key or bucket that is not there.
 _MISSING_CODES = frozenset({"NoSuchKey", "NoSuchBucket", "404", "NotFound"})
+# Error codes of a conditional PUT (If-None-Match: *) whose key already exists,
+# or is being created by a concurrent conditional PUT.
+_EXISTS_CODES = frozenset({"PreconditionFailed", "412", "ConditionalRequestConflict", "409"})
 
 
 @dataclass(frozen=True)
@@ -300,9 +303,11 @@ class S3Store:
         return data
 
     def read_many(
-        self, items: Iterable[tuple[str, int]], *, max_bytes: int
+        self, items: Iterable[tuple[str, int]], *, max_bytes: int, threads: int = 1
     ) -> Iterator[tuple[str, bytes | InvalidSpectrogram]]:
         """Yield (rel, bytes) in the given order while up to ``concurrency`` GETs run ahead.
+
+        ``threads`` is ignored: S3 reads always run ``concurrency`` GETs at once.
 
         An object listed larger than ``max_bytes`` is refused without a GET.
         Memory stays bounded: at most ``concurrency`` objects are held ahead of
@@ -346,6 +351,27 @@ class S3Store:
         self._call(
             "PutObject", rel, lambda: self.client.put_object(Bucket=self.location.bucket, Key=key, Body=data)
         )
+
+    def create(self, rel: str, data: bytes) -> bool:
+        """PUT ``rel`` only if no object has its key (``If-None-Match: *``); return whether this call created it.
+
+        A server that ignores the condition overwrites instead; callers read
+        the object back to see whose it is.
+        """
+        from botocore.exceptions import ClientError
+
+        key = self.location.key(rel)
+
+        def put() -> bool:
+            try:
+                self.client.put_object(Bucket=self.location.bucket, Key=key, Body=data, IfNoneMatch="*")
+            except ClientError as exc:
+                if _error_code(exc) in _EXISTS_CODES:
+                    return False
+                raise
+            return True
+
+        return bool(self._call("PutObject", rel, put))
 
     def writer(self) -> S3Writer:
         """Return a writer that keeps up to ``concurrency`` PUTs in flight."""

@@ -16,7 +16,9 @@ from cnn_features.errors import InvalidSpectrogram
 
 # Largest spectrogram accepted, in elements, checked from the header before any
 # data is read: 128 mel bins x 100,000 frames (over 16 minutes at a 10 ms hop)
-# is far beyond any clip in these corpora and still only 51 MB as float32.
+# is far beyond any clip in these corpora and 51 MB as float32. What such a clip
+# costs in the model (gigabytes of activations) is bounded separately: each
+# worker sizes its passes to a memory budget (``memory``, ``worker.pass_size``).
 MAX_ELEMENTS = 128 * 100_000
 # Real floating dtypes a spectrogram may be stored in; all are read as float32.
 _FLOAT_KINDS = "f"
@@ -64,15 +66,28 @@ def _check_inside(real: str, root_real: Path, name: str) -> None:
 def _open(path: Path, name: str, inside: Path | None) -> int:
     """Open a regular file for reading; with ``inside`` (a resolved root), refuse one that lies outside it.
 
-    The check is made on the opened file (``/proc/self/fd``), so a symlink
-    swapped in after a check cannot redirect the read. ``O_NONBLOCK`` keeps a
-    FIFO planted in the dataset from hanging the open.
+    Where the system has ``O_PATH`` and ``/proc``, the path is first resolved
+    without opening what it names (a device, a FIFO or a FUSE file is never
+    opened): containment and the file type are checked on that handle, and
+    the file is then opened through it, so a symlink swapped in meanwhile
+    cannot redirect the read. The opened file is checked again either way.
+    ``O_NONBLOCK`` keeps a FIFO planted in the dataset from hanging the open.
     """
+    located = _locate(path, name, inside)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        if located is not None:
+            try:
+                fd = os.open(f"/proc/self/fd/{located}", os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+            except FileNotFoundError:  # no /proc: open by path, checked again below
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        else:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as exc:
         msg = f"{name}: cannot read ({exc.strerror or exc})"
         raise InvalidSpectrogram(msg) from None
+    finally:
+        if located is not None:
+            os.close(located)
     try:
         if inside is not None:
             try:
@@ -87,6 +102,32 @@ def _open(path: Path, name: str, inside: Path | None) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def _locate(path: Path, name: str, inside: Path | None) -> int | None:
+    """Return an ``O_PATH`` handle on ``path`` once it is checked to be a regular file inside ``inside``.
+
+    Nothing is opened for reading here. Returns None where the system has no
+    ``O_PATH`` or no ``/proc`` (the caller checks the opened file instead).
+    """
+    o_path = getattr(os, "O_PATH", None)
+    if o_path is None or not os.path.isdir("/proc/self/fd"):
+        return None
+    try:
+        handle = os.open(path, o_path | os.O_CLOEXEC)
+    except OSError as exc:
+        msg = f"{name}: cannot read ({exc.strerror or exc})"
+        raise InvalidSpectrogram(msg) from None
+    try:
+        if inside is not None:
+            _check_inside(os.readlink(f"/proc/self/fd/{handle}"), inside, name)
+        if not stat.S_ISREG(os.fstat(handle).st_mode):
+            msg = f"{name}: not a regular file"
+            raise InvalidSpectrogram(msg)
+    except BaseException:
+        os.close(handle)
+        raise
+    return handle
 
 
 def _read_head(fd: int, name: str) -> tuple[Header, bytes]:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import functools
 import hashlib
 import io
 import json
 import os
-from collections.abc import Callable
+import socket
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,27 +38,43 @@ def file_sha256(path: Path) -> str:
 
 
 def temp_path(final: Path) -> Path:
-    """Return a hidden, per-process temporary name beside ``final``."""
-    return final.with_name(f".{final.name}{TMP_MARKER}{os.getpid()}")
+    """Return a hidden temporary name beside ``final``, unique to this call: host, pid and a random part.
+
+    Writers on two hosts sharing a folder may have the same pid; the host
+    and random parts keep their temporaries apart.
+    """
+    host = socket.gethostname().replace("/", "_") or "host"
+    return final.with_name(f".{final.name}{TMP_MARKER}{host}-{os.getpid()}-{os.urandom(6).hex()}")
 
 
-def _through_temp(final: Path, tmp: Path, save: Callable[[Path], object]) -> None:
-    """Have ``save`` write ``tmp``, then rename it to ``final``; remove ``tmp`` if either step fails."""
+@contextlib.contextmanager
+def _held_temp(final: Path, *, suffix: str = "") -> Iterator[tuple[Path, int]]:
+    """Create a new temporary beside ``final`` and hold an ``flock`` on it while the block runs; yield (path, fd).
+
+    The lock is how ``remove_stale_temps`` knows the writer is alive: the
+    kernel (or the NFS server, when the client's lease ends) drops it when
+    the writer dies, however it dies. A cleaner can only get between the
+    ``open`` and the ``flock``; then the new file is gone (or locked by the
+    cleaner) and another name is tried. The temporary is removed after the
+    block unless the block renamed it.
+    """
+    while True:
+        tmp = temp_path(final)
+        tmp = tmp.with_name(tmp.name + suffix)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # a cleaner took it first and is removing it
+            os.close(fd)
+            continue
+        if os.fstat(fd).st_nlink > 0:
+            break
+        os.close(fd)  # a cleaner removed it before the lock was taken
     try:
-        save(tmp)
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _write_all(path: Path, data: bytes) -> None:
-    """Create ``path`` holding exactly ``data``, or raise OSError."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    try:
-        _write_fd(fd, data, path)
+        yield tmp, fd
     finally:
-        os.close(fd)
+        tmp.unlink(missing_ok=True)  # gone already where the block renamed it
+        os.close(fd)  # drops the lock
 
 
 def _write_fd(fd: int, data: bytes, path: Path) -> None:
@@ -117,8 +136,27 @@ def write_atomic(final: Path, data: bytes) -> None:
     otherwise through a temporary name and a rename, and a failed write
     removes its temporary file.
     """
-    if not _link_unnamed(final, data):
-        _through_temp(final, temp_path(final), lambda tmp: _write_all(tmp, data))
+    if _link_unnamed(final, data):
+        return
+    with _held_temp(final) as (tmp, fd):
+        _write_fd(fd, data, tmp)
+        os.replace(tmp, final)
+
+
+def create_exclusive(final: Path, data: bytes) -> bool:
+    """Create ``final`` holding exactly ``data`` unless it exists; return whether this call created it.
+
+    The data goes to a temporary name first, then a hard link gives it its
+    final name: ``link`` fails if the name exists, so of two writers only one
+    creates the file, and it appears whole.
+    """
+    with _held_temp(final) as (tmp, fd):
+        _write_fd(fd, data, tmp)
+        try:
+            os.link(tmp, final)
+        except FileExistsError:
+            return False
+        return True
 
 
 def save_with(final: Path, save: Callable[[Path], object]) -> None:
@@ -129,8 +167,9 @@ def save_with(final: Path, save: Callable[[Path], object]) -> None:
     the previous file or the new one, never half; a failed save removes its
     temporary file.
     """
-    tmp = temp_path(final)
-    _through_temp(final, tmp.with_name(tmp.name + final.suffix), save)
+    with _held_temp(final, suffix=final.suffix) as (tmp, _):
+        save(tmp)
+        os.replace(tmp, final)
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -166,10 +205,13 @@ def write_json_atomic(final: Path, payload: Any) -> None:
 
 
 def remove_stale_temps(folder: Path, final_names: set[str]) -> int:
-    """Delete temporary files left in ``folder`` by killed writers of ``final_names``.
+    """Delete temporary files of ``final_names`` in ``folder`` whose writers are provably gone; return how many.
 
-    Only temporaries of the given outputs are touched, so shards sharing a
-    folder never remove each other's in-flight files.
+    A writer holds an ``flock`` on its temporary until it is renamed or
+    removed (``_held_temp``): a temporary whose lock can be taken has no
+    living writer, on this host or another sharing the folder (``flock`` is
+    honoured across NFSv4 clients). Nothing is guessed from age or pid.
+    Only temporaries of the given outputs are looked at.
     """
     removed = 0
     try:
@@ -179,10 +221,35 @@ def remove_stale_temps(folder: Path, final_names: set[str]) -> int:
     for entry in entries:
         if not entry.startswith(".") or TMP_MARKER not in entry:
             continue
-        if entry[1:].split(TMP_MARKER, 1)[0] in final_names:
-            (folder / entry).unlink(missing_ok=True)
+        if entry[1:].split(TMP_MARKER, 1)[0] in final_names and _remove_if_writer_gone(folder / entry):
             removed += 1
     return removed
+
+
+def _remove_if_writer_gone(path: Path) -> bool:
+    """Remove the temporary ``path`` if its writer's lock can be taken; return whether it was removed."""
+    try:
+        # Opened for writing: NFS emulates flock with POSIX locks, whose
+        # exclusive kind needs a writable descriptor.
+        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:  # gone already, or not a regular file of ours (a symlink): left alone
+        return False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False  # its writer is alive
+        held = os.fstat(fd)
+        try:
+            now = os.lstat(path)
+        except FileNotFoundError:  # renamed into place meanwhile
+            return False
+        if (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino):
+            return False
+        os.unlink(path)
+        return True
+    finally:
+        os.close(fd)
 
 
 def feature_file_size(feature_dim: int) -> int:

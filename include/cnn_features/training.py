@@ -71,6 +71,9 @@ def load_manifest(store: Store, name: str) -> tuple[str, np.ndarray, list[str], 
     Every feature is read without pickle and checked (shape, dtype, finite).
     """
     manifest = json.loads(store.read(name))
+    if (problem := manifest_problem(manifest)) is not None:
+        msg = f"{store.name(name)}: {problem}"
+        raise TrainingFailed(msg)
     items = manifest["items"]
     if not items:
         msg = f"{store.name(name)}: no features listed"
@@ -85,6 +88,15 @@ def load_manifest(store: Store, name: str) -> tuple[str, np.ndarray, list[str], 
             raise TrainingFailed(msg)
         vectors.append(vector)
     return manifest["dataset"], np.stack(vectors), [i["emotion"] for i in items], [i["actor"] for i in items]
+
+
+def manifest_problem(manifest: Any) -> str | None:
+    """Return why a parsed manifest may not be trained on, or None when verification passed it."""
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("items"), list):
+        return "not a feature manifest (no 'items' list)"
+    if manifest.get("passed") is not True:
+        return "not marked as passed by verify_features; run cnn_feature_extraction until verification passes"
+    return None
 
 
 def confusion(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
@@ -192,12 +204,18 @@ def training_jobs(
             raise InvalidConf(msg)
         store, manifest_name = manifest_store(manifest, settings, access=access)
         try:
-            store.read(manifest_name, max_bytes=MAX_MANIFEST_BYTES)
+            parsed = json.loads(store.read(manifest_name, max_bytes=MAX_MANIFEST_BYTES))
         except StoreMissing:
             msg = f"{field}: {manifest} does not exist; run cnn_feature_extraction first"
             raise InvalidConf(msg) from None
         except StoreError as exc:
             raise InvalidConf(f"{field}: {exc}") from None
+        except ValueError as exc:
+            msg = f"{field}: {manifest} is not JSON ({exc})"
+            raise InvalidConf(msg) from None
+        if (problem := manifest_problem(parsed)) is not None:
+            msg = f"{field}: {manifest} is {problem}"
+            raise InvalidConf(msg)
         jobs.append({"dataset": name, "manifest": manifest})
     return jobs
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 from typing import Any
 
 from cnn_features.config import Settings
+from cnn_features.crosscheck import check_dataset, describe
 from cnn_features.datasets import get_dataset, label_all
 from cnn_features.errors import InvalidSpectrogram, VerificationFailed
 from cnn_features.s3 import S3Access
@@ -93,6 +95,8 @@ def verify_dataset(
                 {"feature": rel, "clip_id": label.clip_id, "emotion": label.emotion, "actor": label.actor}
             )
     orphans = sorted(set(found) - set(files))
+    ignored = sorted(rel for shard in shards for rel in shard.get("ignored", []))
+    ignored_count = sum(int(shard.get("ignored_count", 0)) for shard in shards)
     bad_fraction = len(bad) / len(files) if files else 0.0
     problems = [f"{name}: {rel}: no feature file" for rel in missing]
     problems += [f"{name}: {item['reason']}" for item in invalid]
@@ -103,6 +107,9 @@ def verify_dataset(
         )
         problems += [f"{name}: bad input {reason}" for reason in bad.values()]
 
+    crosscheck = check_dataset(shards, results, bad=set(bad), settings=settings, access=access)
+    if not crosscheck["passed"]:
+        problems.append(f"{name}: {describe(crosscheck)}")
     report = {
         "dataset": name,
         "input": shards[0]["input"],
@@ -112,6 +119,8 @@ def verify_dataset(
         "features_ok": len(manifest),
         "bad_inputs": [{"file": rel, "reason": reason} for rel, reason in sorted(bad.items())],
         "bad_fraction": round(bad_fraction, 6),
+        "ignored_files": ignored,
+        "ignored_count": ignored_count,
         "max_bad_fraction": max_bad_fraction,
         "missing_features": missing,
         "invalid_features": invalid,
@@ -124,11 +133,19 @@ def verify_dataset(
             for sid, r in sorted(results.items())
             if r.get("fallback_reason")
         ],
+        "device_crosscheck": crosscheck,
         "problems": problems,
     }
-    _write_json(output, MANIFEST_NAME, {"dataset": name, "feature_dim": feature_dim, "items": manifest})
+    # Training takes only a passing dataset's manifest (it checks ``passed``):
+    # a failing dataset has none, and an older one is removed.
+    if report["passed"]:
+        manifest_doc = {"dataset": name, "feature_dim": feature_dim, "passed": True, "items": manifest}
+        _write_json(output, MANIFEST_NAME, manifest_doc)
+    else:
+        output.delete(MANIFEST_NAME)
     _write_json(output, REPORT_NAME, report)
-    report["report_at"], report["manifest_at"] = output.name(REPORT_NAME), output.name(MANIFEST_NAME)
+    report["report_at"] = output.name(REPORT_NAME)
+    report["manifest_at"] = output.name(MANIFEST_NAME) if report["passed"] else None
     return report
 
 
@@ -139,8 +156,12 @@ def verify_run(
     max_bad_fraction: float,
     settings: Settings | None = None,
     access: S3Access | None = None,
+    record_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Verify every dataset of a run; raise listing all problems if any.
+
+    With ``record_dir`` (the run's progress folder), the outcome is recorded
+    there too, passed or not, for the progress page and command.
 
     Returns:
         A summary with each dataset's counts, report and manifest paths, and
@@ -171,6 +192,7 @@ def verify_run(
             "input_files": report["input_files"],
             "features_ok": report["features_ok"],
             "bad_inputs": len(report["bad_inputs"]),
+            "ignored": report["ignored_count"],
             "missing": len(report["missing_features"]),
             "invalid": len(report["invalid_features"]),
             "report": report["report_at"],
@@ -183,6 +205,10 @@ def verify_run(
         problems += report["problems"]
         _log_report(report)
     summary["passed"] = not problems
+    if record_dir is not None:
+        from cnn_features.progress import write_verification
+
+        write_verification(record_dir, passed=not problems, datasets=summary["datasets"], problems=problems)
     if problems:
         listed = "\n  ".join(problems[:_MAX_LISTED])
         more = f"\n  ... and {len(problems) - _MAX_LISTED} more (see the reports)" if len(problems) > _MAX_LISTED else ""
@@ -193,12 +219,14 @@ def verify_run(
 
 def _log_report(report: dict[str, Any]) -> None:
     log.info(
-        "%s: %s - %d inputs, %d features ok, %d bad inputs, %d missing, %d invalid, %d orphan, devices %s; report %s",
+        "%s: %s - %d inputs, %d features ok, %d bad inputs, %d ignored (not .npy), %d missing, %d invalid, %d orphan, "
+        "devices %s; report %s",
         report["dataset"],
         "PASSED" if report["passed"] else "FAILED",
         report["input_files"],
         report["features_ok"],
         len(report["bad_inputs"]),
+        report["ignored_count"],
         len(report["missing_features"]),
         len(report["invalid_features"]),
         len(report["orphan_features"]),

@@ -3,9 +3,11 @@
 Started by ``runner.run_shard`` as ``python -m cnn_features.worker --spec S
 --device gpu|cpu``. Prints progress lines while it runs and one result line at
 the end (see ``procs``). Exit codes: 0 done (bad inputs are listed, not fatal),
-3 the GPU could not be initialised, 4 the model could not be loaded, 5 an
+3 the GPU could not be initialised, 4 the model could not be loaded or run, 5 an
 output could not be written, 6 a store (S3) could not be reached or refused a
-request. Inputs and outputs are local folders or S3 prefixes (``stores``); S3
+request, 7 the inputs could not be read, 8 a GPU pass failed (a GPU fault: the
+runner re-runs the shard on CPU), 9 an internal error (a bug: not retried on
+CPU, the traceback is logged). Inputs and outputs are local folders or S3 prefixes (``stores``); S3
 credentials come from the environment only, never from the spec.
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import fcntl
 import functools
 import json
@@ -21,6 +24,7 @@ import os
 import queue
 import resource
 import signal
+import stat
 import sys
 import tempfile
 import threading
@@ -34,7 +38,8 @@ import numpy as np
 
 from cnn_features import faults
 from cnn_features.config import load_settings
-from cnn_features.errors import InvalidSpectrogram, StoreError
+from cnn_features.errors import CnnFeaturesError, InvalidSpectrogram, ModelError, StoreError
+from cnn_features.memory import FALLBACK_BYTES_PER_FRAME_PER_MEL, pass_budget
 from cnn_features.procs import PROGRESS_PREFIX, RESULT_PREFIX, die_with_parent, emit
 from cnn_features.spectrogram import MAX_INPUT_BYTES, parse_spectrogram
 from cnn_features.storage import npy_bytes
@@ -47,6 +52,9 @@ EXIT_GPU_INIT = 3
 EXIT_MODEL = 4
 EXIT_OUTPUT = 5
 EXIT_STORE = 6
+EXIT_INPUT = 7
+EXIT_GPU_RUN = 8
+EXIT_INTERNAL = 9
 # Spectrogram frames in one CPU forward pass (clips x frames), by the widest
 # vector unit oneDNN runs on. AVX-512 (a 2-core Xeon): 4 clips of 256 frames
 # ran at ~400 files/s, 16 at ~355: bigger passes spill the first block's
@@ -69,6 +77,18 @@ _SLOT_POLL_S = 0.05
 
 class GpuInitError(RuntimeError):
     """The GPU could not be initialised in this process."""
+
+
+class InputReadError(CnnFeaturesError):
+    """The shard's inputs could not be read (not one bad file: the folder or device failed)."""
+
+
+class OutputWriteError(CnnFeaturesError):
+    """A feature (or the output folder) could not be written."""
+
+
+class InferenceError(CnnFeaturesError):
+    """A forward pass raised; on a GPU that is a GPU fault, on a CPU a model error."""
 
 
 @dataclass
@@ -111,26 +131,27 @@ class Tally:
 
 
 def init_gpu() -> str:
-    """Make sure this process can run kernels on a GPU; return its name."""
+    """Make sure this process can run kernels on a GPU with the configured Keras backend; return its name."""
     injected = faults.active()
     if "gpu_init_error" in injected:
         raise GpuInitError(f"{faults.CUDA_NOT_INITIALIZED} (injected by {faults.ENV_VAR})")
     if "fake_gpu" in injected:
-        return f"none (fake_gpu injected by {faults.ENV_VAR})"
-    import tensorflow as tf
+        _RUN_INFO["gpu_name"] = f"none (fake_gpu injected by {faults.ENV_VAR})"
+        return _RUN_INFO["gpu_name"]
+    from cnn_features import backends
 
-    gpus = tf.config.list_physical_devices("GPU")
-    if not gpus:
-        msg = "TensorFlow sees no GPU in the worker process"
-        raise GpuInitError(msg)
+    backend = backends.prepare_process("gpu")
     try:
-        for gpu in gpus:
-            tf.config.experimental.set_memory_growth(gpu, True)
-        with tf.device("/GPU:0"):
-            float(tf.reduce_sum(tf.ones((8, 8))))
-    except (RuntimeError, tf.errors.OpError) as exc:
-        raise GpuInitError(f"{type(exc).__name__}: {exc}") from None
-    return tf.config.experimental.get_device_details(gpus[0]).get("device_name", "GPU:0")
+        gpu = backends.init_gpu(backend)
+    except backends.GpuUnavailable as exc:
+        raise GpuInitError(str(exc)) from None
+    _RUN_INFO["gpu_name"] = gpu.name
+    return gpu.name
+
+
+# What this worker process runs on, for its result: filled by init_gpu and
+# _load_predictor (one shard per process).
+_RUN_INFO: dict[str, Any] = {}
 
 
 def _pending(spec: dict[str, Any], info: dict[str, Any], output: Store, tally: Tally) -> list[tuple[int, str]]:
@@ -156,15 +177,26 @@ def _pending(spec: dict[str, Any], info: dict[str, Any], output: Store, tally: T
     return todo
 
 
-def pass_size(frames: int, *, batch_size: int, device: str) -> int:
-    """Return how many equal-shape inputs of ``frames`` frames go through the model at once.
+def pass_size(
+    frames: int, *, batch_size: int, device: str, budget: int | None = None, bytes_per_frame: int = 0, streams: int = 1
+) -> int:
+    """Return how many equal-shape inputs of ``frames`` frames go through the model at once; 0 if not even one fits.
 
     ``batch_size`` is the upper bound. On CPU a pass also stays within
-    ``cpu_pass_frames()`` frames.
+    ``cpu_pass_frames()`` frames. With a memory ``budget`` (bytes of
+    activations, ``memory.pass_budget``) and the model's ``bytes_per_frame``,
+    on any device, a pass also stays within ``budget / streams``, so that
+    ``streams`` passes side by side fit; a clip that needs more than that
+    but fits the whole budget goes alone (``_MemoryLedger`` then runs it
+    by itself), and one that needs more than the whole budget fits no pass.
     """
-    if device != "cpu":
-        return batch_size
-    return max(1, min(batch_size, cpu_pass_frames() // max(frames, 1)))
+    size = batch_size if device != "cpu" else max(1, min(batch_size, cpu_pass_frames() // max(frames, 1)))
+    if budget is None or bytes_per_frame <= 0:
+        return size
+    clip = bytes_per_frame * max(frames, 1)
+    if clip > budget:
+        return 0
+    return max(1, min(size, budget // max(1, streams) // clip))
 
 
 @functools.cache
@@ -193,8 +225,8 @@ def cpu_slot(streams: int, shard_id: str) -> Iterator[None]:
     folder = Path(tempfile.gettempdir()) / f"cnn-features-{os.getuid()}"
     handles: list[IO[str]] = []
     try:
-        folder.mkdir(mode=0o700, exist_ok=True)
-        handles += [open(folder / f"cpu-slot-{i}.lock", "a+", encoding="utf-8") for i in range(slots)]  # noqa: SIM115 - closed below
+        _private_folder(folder)
+        handles += [_open_lock(folder / f"cpu-slot-{i}.lock") for i in range(slots)]
     except OSError as exc:
         for handle in handles:
             handle.close()
@@ -211,6 +243,29 @@ def cpu_slot(streams: int, shard_id: str) -> Iterator[None]:
     finally:
         for handle in handles:
             handle.close()  # closing drops the lock
+
+
+def _private_folder(folder: Path) -> None:
+    """Create ``folder`` (mode 0700) or check the one there: a real folder, ours, closed to others.
+
+    Raises:
+        OSError: it is a symlink or not a folder, another user owns it, or others may write or read it.
+    """
+    with contextlib.suppress(FileExistsError):
+        folder.mkdir(mode=0o700)
+    info = os.lstat(folder)
+    if not stat.S_ISDIR(info.st_mode):
+        raise OSError(errno.ENOTDIR, "not a folder (a symlink?); refusing it", str(folder))
+    if info.st_uid != os.geteuid():
+        raise OSError(errno.EPERM, f"owned by uid {info.st_uid}, not {os.geteuid()}; refusing it", str(folder))
+    if info.st_mode & 0o077:
+        raise OSError(errno.EPERM, f"mode {stat.S_IMODE(info.st_mode):04o}, not 0700; refusing it", str(folder))
+
+
+def _open_lock(path: Path) -> IO[str]:
+    """Open a lock file for update without following a symlink planted in its place."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    return os.fdopen(fd, "r+", encoding="utf-8")
 
 
 def _take_slot(handles: list[IO[str]], shard_id: str) -> IO[str]:
@@ -238,19 +293,67 @@ def cpu_streams(configured: int) -> int:
 
 @dataclass(frozen=True)
 class Pass:
-    """Equal-shape spectrograms that go through the model together, stacked."""
+    """Equal-shape spectrograms that go through the model together, stacked, and the activation bytes they need."""
 
     rels: list[str]
     batch: np.ndarray
+    need: int = 0
+
+
+class _MemoryLedger:
+    """Lets passes run side by side only while their activation estimates fit the budget together.
+
+    A pass that fits the budget alone always runs once nothing else does, so
+    no pass waits forever; ``wake`` (after ``stop`` is set) frees every waiting thread.
+    """
+
+    def __init__(self, budget: int | None) -> None:
+        self.budget = budget
+        self.used = 0
+        self.changed = threading.Condition()
+
+    def acquire(self, need: int, stop: threading.Event) -> bool:
+        """Wait until ``need`` bytes fit (or nothing else runs); return False if stopped meanwhile."""
+        if self.budget is None:
+            return not stop.is_set()
+        with self.changed:
+            self.changed.wait_for(lambda: stop.is_set() or self.used == 0 or self.used + need <= self.budget)
+            if stop.is_set():
+                return False
+            self.used += need
+            return True
+
+    def release(self, need: int) -> None:
+        """Give back what ``acquire`` took."""
+        if self.budget is None:
+            return
+        with self.changed:
+            self.used -= need
+            self.changed.notify_all()
+
+    def wake(self) -> None:
+        """Wake every waiting thread (after ``stop`` is set)."""
+        with self.changed:
+            self.changed.notify_all()
 
 
 def _passes(
-    source: Store, info: dict[str, Any], todo: list[tuple[int, str]], *, size: Callable[[int], int]
+    source: Store,
+    info: dict[str, Any],
+    todo: list[tuple[int, str]],
+    *,
+    size: Callable[[int], int],
+    read_threads: int = 1,
+    too_long: Callable[[str, int], str] | None = None,
 ) -> Iterator[Pass | tuple[str, InvalidSpectrogram]]:
-    """Read ``todo`` in order; yield passes of equal shapes, and (relpath, reason) for files that fail."""
+    """Read ``todo`` in order; yield passes of equal shapes, and (relpath, reason) for files that fail.
+
+    A clip for which ``size`` is 0 (it fits no pass) fails with ``too_long``'s reason.
+    """
+    per_frame = _bytes_per_frame(info)
     rels: list[str] = []
     arrays: list[np.ndarray] = []
-    for rel, data in source.read_many(((r, s) for s, r in todo), max_bytes=MAX_INPUT_BYTES):
+    for rel, data in _read_inputs(source, todo, threads=read_threads):
         if isinstance(data, InvalidSpectrogram):
             yield rel, data
             continue
@@ -261,13 +364,37 @@ def _passes(
         except InvalidSpectrogram as exc:
             yield rel, exc
             continue
+        if size(array.shape[1]) == 0:
+            yield rel, InvalidSpectrogram(too_long(rel, array.shape[1]) if too_long else f"{rel}: too long for any pass")
+            continue
         if arrays and (arrays[0].shape != array.shape or len(arrays) >= size(array.shape[1])):
-            yield Pass(rels, np.stack(arrays))
+            yield Pass(rels, np.stack(arrays), len(arrays) * arrays[0].shape[1] * per_frame)
             rels, arrays = [], []
         rels.append(rel)
         arrays.append(array)
     if arrays:
-        yield Pass(rels, np.stack(arrays))
+        yield Pass(rels, np.stack(arrays), len(arrays) * arrays[0].shape[1] * per_frame)
+
+
+def _bytes_per_frame(info: dict[str, Any]) -> int:
+    """Return the model's activation bytes per input frame, from its info (or the fallback for an older plan's)."""
+    return int(info.get("activation_bytes_per_frame") or FALLBACK_BYTES_PER_FRAME_PER_MEL * int(info["n_mels"]))
+
+
+def _read_inputs(
+    source: Store, todo: list[tuple[int, str]], *, threads: int = 1
+) -> Iterator[tuple[str, bytes | InvalidSpectrogram]]:
+    """Yield ``source.read_many`` for ``todo``; an OSError from the store itself becomes an InputReadError."""
+    reads = source.read_many(((r, s) for s, r in todo), max_bytes=MAX_INPUT_BYTES, threads=threads)
+    while True:
+        try:
+            item = next(reads)
+        except StopIteration:
+            return
+        except OSError as exc:
+            msg = f"cannot read inputs under {source.uri}: {exc}"
+            raise InputReadError(msg) from None
+        yield item
 
 
 def _infer_loop(
@@ -275,16 +402,23 @@ def _infer_loop(
     passes: queue.SimpleQueue[Pass | None],
     results: queue.SimpleQueue[tuple[Any, ...]],
     stop: threading.Event,
+    ledger: _MemoryLedger | None = None,
 ) -> None:
-    """Run passes through the model until handed None; put each pass's features (or its error) on ``results``."""
+    """Run passes through the model until handed None; put each pass's features (or its error) on ``results``.
+
+    A pass first waits for room in the memory ``ledger``.
+    """
+    ledger = ledger or _MemoryLedger(None)
     while (item := passes.get()) is not None:
-        if stop.is_set():
+        if stop.is_set() or not ledger.acquire(item.need, stop):
             continue
         try:
             features = predictor(item.batch)
         except Exception as exc:  # noqa: BLE001 - handed to the main thread, which re-raises it
             results.put(("error", exc))
             return
+        finally:
+            ledger.release(item.need)
         results.put(("done", item.rels, features))
 
 
@@ -293,6 +427,7 @@ def _results(
     predictor: Callable[[np.ndarray], np.ndarray],
     *,
     streams: int,
+    budget: int | None = None,
 ) -> Iterator[tuple[Any, ...]]:
     """Yield ("bad", rel, reason) and ("done", rels, features) while ``streams`` threads run the passes.
 
@@ -302,13 +437,17 @@ def _results(
     every system call: measured, that made each feature write cost 275 us of
     CPU instead of 29 us. The inference threads hold the GIL only between
     passes. Re-raises whatever a pass raised; stops the threads however the
-    caller leaves.
+    caller leaves. Passes run side by side only while their activations fit
+    ``budget`` together (``_MemoryLedger``).
     """
     passes: queue.SimpleQueue[Pass | None] = queue.SimpleQueue()
     results: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
     stop = threading.Event()
+    ledger = _MemoryLedger(budget)
     threads = [
-        threading.Thread(target=_infer_loop, args=(predictor, passes, results, stop), name=f"infer-{i}", daemon=True)
+        threading.Thread(
+            target=_infer_loop, args=(predictor, passes, results, stop, ledger), name=f"infer-{i}", daemon=True
+        )
         for i in range(streams)
     ]
     for thread in threads:
@@ -331,10 +470,12 @@ def _results(
             done = results.get()
             in_flight -= 1
             if done[0] == "error":
-                raise done[1]
+                msg = f"forward pass failed: {type(done[1]).__name__}: {done[1]}"
+                raise InferenceError(msg) from done[1]
             yield done
     finally:
         stop.set()
+        ledger.wake()
         for _ in threads:
             passes.put(None)
         for thread in threads:
@@ -342,14 +483,34 @@ def _results(
 
 
 def _load_predictor(info: dict[str, Any], device: str, streams: int) -> Callable[[np.ndarray], np.ndarray]:
-    """Import the model code, set up threads, load, fold and trace the model; return its predictor."""
+    """Set up the Keras backend and threads, load, fold and trace the model; return its predictor."""
+    from cnn_features import backends
+
+    backends.prepare_process(device)
     from cnn_features.model import ModelInfo, configure_cpu_threads, inference_model, load_feature_model, make_predictor
 
+    backend = backends.active_backend()
+    settings = load_settings()
+    # CPUs have no TF32: a CPU pass is always full float32.
+    precision = backends.set_precision(backend, settings.gpu_precision) if device == "gpu" else "float32"
+    _RUN_INFO.update(keras_backend=backend, precision=precision)
     if device == "cpu":
         configure_cpu_threads(streams=streams)
     model, _ = load_feature_model(Path(info["path"]))
     model_info = ModelInfo(**info)
-    return make_predictor(inference_model(model, model_info), model_info)
+    return make_predictor(inference_model(model, model_info), model_info, cache_dir=settings.home / "cache" / "jax")
+
+
+def _run_fields(predictor: Callable[[np.ndarray], np.ndarray]) -> dict[str, Any]:
+    """Return the result fields naming the backend, precision, GPU and compiles of this run."""
+    stats = getattr(predictor, "stats", None)
+    return {
+        "keras_backend": _RUN_INFO.get("keras_backend"),
+        "precision": _RUN_INFO.get("precision"),
+        "gpu_name": _RUN_INFO.get("gpu_name"),
+        "gpu_index": os.environ.get("CUDA_VISIBLE_DEVICES") if _RUN_INFO.get("gpu_name") else None,
+        **(stats() if callable(stats) else {"compiles": None, "compile_s": None}),
+    }
 
 
 def extract(spec: dict[str, Any], device: str) -> dict[str, Any]:
@@ -366,9 +527,16 @@ def extract(spec: dict[str, Any], device: str) -> dict[str, Any]:
     streams = cpu_streams(settings.cpu_threads) if device == "cpu" else 1
     tally = Tally(total=len(spec["files"]))
     source, output = open_store(spec["input"], settings), open_store(spec["output"], settings)
-    output.prepare(spec["files"])
+    rejected = spec.get("rejected", {})
+    try:
+        output.prepare([rel for rel in spec["files"] if rel not in rejected])
+    except OSError as exc:
+        msg = f"cannot write features under {spec['output']}: {exc}"
+        raise OutputWriteError(msg) from None
     todo = _pending(spec, info, output, tally)
     predictor = _load_predictor(info, device, streams)
+    if (headroom := faults.count_arg("as_headroom")) is not None:
+        faults.limit_address_space(headroom)
     tally.progress(device, force=True)
     with contextlib.ExitStack() as held:
         waited = time.monotonic()
@@ -376,8 +544,16 @@ def extract(spec: dict[str, Any], device: str) -> dict[str, Any]:
             held.enter_context(cpu_slot(streams, spec["shard_id"]))
         waited = time.monotonic() - waited
         log.info("shard %s: %d files to extract on %s, %d pass(es) at once", spec["shard_id"], len(todo), device.upper(), streams)
+        # Once the slot is held: what is free now is what this worker's passes may use.
+        budget, budget_from = pass_budget(device, configured_mb=settings.pass_memory_mb, gpu_memory_mb=spec.get("gpu_memory_mb"))
+        log.info(
+            "shard %s: passes keep within %d MiB of activations (%s); the model needs %d bytes per frame",
+            spec["shard_id"], budget >> 20, budget_from, _bytes_per_frame(info),
+        )
         tally.started = time.monotonic()
-        _extract_pending(spec, info, (source, output), todo, predictor, tally, device=device, streams=streams)
+        _extract_pending(
+            spec, info, (source, output), todo, predictor, tally, device=device, streams=streams, budget=(budget, budget_from)
+        )
     elapsed = time.monotonic() - tally.started
     return {
         "status": "ok",
@@ -389,6 +565,8 @@ def extract(spec: dict[str, Any], device: str) -> dict[str, Any]:
         "elapsed_s": round(elapsed, 3),
         "waited_for_cpu_s": round(waited, 3),
         "files_per_s": round(tally.rate(), 2),
+        "pass_memory_budget_mb": budget >> 20,
+        **_run_fields(predictor),
     }
 
 
@@ -402,11 +580,14 @@ def _extract_pending(
     *,
     device: str,
     streams: int,
+    budget: tuple[int, str] | None = None,
 ) -> None:
     """Run every pending file through the model and write its feature; count everything in ``tally``.
 
     A feature counts as extracted once it is stored: at once locally, when
     its PUT returns on S3 (several run while the next passes compute).
+    Passes keep within ``budget`` (bytes, and where that figure comes from);
+    a clip that alone needs more is a bad input.
     """
     source, output = stores
     batch_size = int(spec["batch_size"])
@@ -415,29 +596,68 @@ def _extract_pending(
         die_after = faults.count_arg("gpu_die_after")
     pause_s = float(faults.active().get("slow") or 0.0)
 
+    limit, limit_from = budget if budget is not None else (None, "")
+    per_frame = _bytes_per_frame(info)
+
     def size(frames: int) -> int:
-        return pass_size(frames, batch_size=batch_size, device=device)
+        return pass_size(frames, batch_size=batch_size, device=device, budget=limit, bytes_per_frame=per_frame, streams=streams)
+
+    def too_long(rel: str, frames: int) -> str:
+        return too_long_reason(rel, frames, bytes_per_frame=per_frame, budget=limit or 0, budget_from=limit_from)
 
     def stored(rels: list[str]) -> None:
         tally.extracted += len(rels)
         if die_after is not None and tally.extracted >= die_after:
             faults.kill_self()
 
-    passes = _passes(source, info, todo, size=size)
-    with output.writer() as writer, contextlib.closing(_results(passes, predictor, streams=streams)) as items:
+    def written(put: Callable[[], list[str]]) -> list[str]:
+        try:
+            return put()
+        except OSError as exc:
+            msg = f"cannot write features under {spec['output']}: {exc}"
+            raise OutputWriteError(msg) from None
+
+    # A GPU pass outruns one reader thread; CPU passes never wait for reads.
+    read_threads = load_settings().gpu_read_threads if device == "gpu" else 1
+    passes = _passes(source, info, todo, size=size, read_threads=read_threads, too_long=too_long)
+    results = _results(passes, predictor, streams=streams, budget=limit)
+    with output.writer() as writer, contextlib.closing(results) as items:
         for kind, *payload in items:
             if kind == "bad":
                 rel, reason = payload
                 tally.bad.append({"file": rel, "reason": str(reason)})
                 continue
             rels, features = payload
-            for rel, vector in zip(rels, features, strict=True):
-                stored(writer.put(rel, npy_bytes(vector)))
+            finite = np.isfinite(features).all(axis=1)
+            for rel, vector, ok in zip(rels, features, finite, strict=True):
+                if not ok:
+                    tally.bad.append({"file": rel, "reason": non_finite_reason(rel, vector)})
+                    output.delete(rel)  # an invalid feature a run before may have left
+                    continue
+                stored(written(functools.partial(writer.put, rel, npy_bytes(vector))))
             if pause_s:
                 time.sleep(pause_s)
             tally.progress(device)
-        stored(writer.flush())
+        stored(written(writer.flush))
     tally.progress(device, force=True)
+
+
+def too_long_reason(rel: str, frames: int, *, bytes_per_frame: int, budget: int, budget_from: str) -> str:
+    """Return why a clip too long for any pass is refused, naming its input and the limit."""
+    return (
+        f"{rel}: {frames:,} frames need about {frames * bytes_per_frame >> 20:,} MiB of activations in one pass "
+        f"({bytes_per_frame:,} bytes per frame), over this worker's {budget >> 20:,} MiB pass memory limit "
+        f"({budget_from}); not run"
+    )
+
+
+def non_finite_reason(rel: str, vector: np.ndarray) -> str:
+    """Return why a feature vector that is not finite is refused, naming its input."""
+    count = int(vector.size - np.count_nonzero(np.isfinite(vector)))
+    return (
+        f"{rel}: the model's feature has {count} NaN or infinite value(s) "
+        "(input values too large for float32 arithmetic?); not written"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -463,20 +683,28 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_GPU_INIT
         log.info("shard %s: running on GPU %s", spec["shard_id"], name)
 
-    from cnn_features.errors import ModelError
-
+    status, code, error = "ok", EXIT_OK, ""
     try:
         result = extract(spec, args.device)
     except ModelError as exc:
-        emit(RESULT_PREFIX, {"status": "model_failed", "device": args.device, "error": str(exc)})
-        return EXIT_MODEL
+        status, code, error = "model_failed", EXIT_MODEL, str(exc)
+    except InferenceError as exc:
+        if args.device == "gpu":
+            status, code, error = "gpu_failed", EXIT_GPU_RUN, f"GPU {exc}"
+        else:
+            status, code, error = "model_failed", EXIT_MODEL, f"model {spec['model']['path']}: {exc}"
     except StoreError as exc:
-        emit(RESULT_PREFIX, {"status": "store_failed", "device": args.device, "error": str(exc)})
-        return EXIT_STORE
-    except OSError as exc:
-        error = f"cannot write features under {spec['output']}: {exc}"
-        emit(RESULT_PREFIX, {"status": "output_failed", "device": args.device, "error": error})
-        return EXIT_OUTPUT
+        status, code, error = "store_failed", EXIT_STORE, str(exc)
+    except OutputWriteError as exc:
+        status, code, error = "output_failed", EXIT_OUTPUT, str(exc)
+    except InputReadError as exc:
+        status, code, error = "input_failed", EXIT_INPUT, str(exc)
+    except Exception as exc:  # noqa: BLE001 - a bug: reported as one, never mistaken for a GPU fault
+        log.exception("shard %s: internal error", spec.get("shard_id"))
+        status, code, error = "internal_error", EXIT_INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+    if status != "ok":
+        emit(RESULT_PREFIX, {"status": status, "device": args.device, "error": error})
+        return code
     emit(RESULT_PREFIX, result)
     return EXIT_OK
 

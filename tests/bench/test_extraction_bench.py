@@ -114,3 +114,15 @@ def test_task_seconds_are_read_from_dags_test_output() -> None:
         "2026-11-25T08:14:52.000000Z [info ] [DAG TEST] end task task_id=extract_shard map_index=1 [x]",
     ]
     assert task_seconds(lines) == {"probe_gpu": 5.5, "extract_shard": 5.0}
+
+
+def test_smoke_tables_say_they_measure_no_target_and_help_hides_internals() -> None:
+    """A smoke table says its figures are not measurements and judges no target; --help lists no internal subcommand."""
+    from bench.extraction import SMOKE_NOTE, SMOKE_VERDICT
+
+    results = {"fixed": {"figures": {"files": 10}, "ratios": {"dag_vs_limit": 0.007}, "targets": {"DAG >= 66.7 % of limit": False}}}
+    smoke = table(results, {"streams": 2, "smoke": True})
+    assert smoke.startswith(SMOKE_NOTE) and "NOT met" not in smoke and SMOKE_VERDICT in smoke
+    assert "NOT met" in table(results, {"streams": 2})
+    shown = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, check=True, timeout=120).stdout
+    assert "--smoke" in shown and not any(name in shown for name in ("_matmul", "_model", "_naive", "_parse"))

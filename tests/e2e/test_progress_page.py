@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +13,7 @@ from urllib.parse import quote
 import httpx
 import pytest
 
-from tests.e2e.live import DAG_ID, TRAINING_DAG_ID, Chromium, LiveAirflow
+from tests.e2e.live import DAG_ID, REPO, TRAINING_DAG_ID, Chromium, LiveAirflow
 
 pytestmark = pytest.mark.e2e
 
@@ -60,6 +62,67 @@ def test_progress_page_needs_a_login(live_airflow: LiveAirflow) -> None:
     assert ours["fastapi_apps"][0]["url_prefix"] == "/cnn-progress"
 
 
+# Serves the plugin as the API server does (mounted under JWTRefreshMiddleware)
+# with an auth manager whose UI session is refreshed, and whose DAG belongs to a
+# team; prints the status, whether a new cookie came back, and what was asked.
+_REFRESHED_SESSION = """
+import json, sys
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from airflow.api_fastapi import app as api_app
+from airflow.api_fastapi.auth.middlewares.refresh_token import JWTRefreshMiddleware
+from airflow.models.dag import DagModel
+import cnn_progress_plugin
+
+class User:
+    def __init__(self, name, refreshed):
+        self.name, self.refreshed = name, refreshed
+    def get_id(self):
+        return self.name
+    def get_name(self):
+        return self.name
+
+class AuthManager:
+    asked = []
+    async def get_user_from_token(self, token):
+        return User("alice", refreshed=False)
+    def refresh_user(self, *, user):
+        return User(user.name, refreshed=True)  # e.g. the identity provider's session renewed
+    def generate_jwt(self, user, **kwargs):
+        return "renewed-token"
+    def is_authorized_dag(self, *, method, access_entity=None, details=None, user=None):
+        self.asked.append([method, str(access_entity), details.id, details.team_name, user.refreshed])
+        return user.refreshed and details.team_name == "speech-team"
+
+am = AuthManager()
+api_app._AuthManagerState.instance = am
+DagModel.get_team_name = staticmethod(lambda dag_id, **kw: "speech-team")
+cnn_progress_plugin.dag_runs = lambda: {}
+root = FastAPI()
+root.add_middleware(JWTRefreshMiddleware)
+root.mount("/cnn-progress", cnn_progress_plugin.create_app())
+client = TestClient(root)
+got = client.get("/cnn-progress/api/runs/no-such-run", cookies={"_token": "old-session-token"})
+print(json.dumps({"status": got.status_code, "cookie": got.cookies.get("_token"), "asked": am.asked}))
+"""
+
+
+def test_plugin_uses_airflows_access_check_with_refresh_and_team(tmp_path: Path) -> None:
+    """A UI session the auth manager refreshes is let through with a new cookie, and the DAG's team is asked about."""
+    env = {
+        **os.environ,
+        "AIRFLOW_HOME": str(tmp_path / "airflow"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "CNN_FEATURES_HOME": str(tmp_path / "data"),
+        "PYTHONPATH": os.pathsep.join([str(REPO / "plugins"), str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
+    out = subprocess.run([sys.executable, "-c", _REFRESHED_SESSION], env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert seen["asked"] == [["GET", "DagAccessEntity.RUN", DAG_ID, "speech-team", True]]
+    assert seen["status"] == 404 and seen["cookie"] == "renewed-token"  # past the check: the run just has no records
+
+
 def test_progress_page_shows_a_run_in_progress(live_airflow: LiveAirflow, chromium: Chromium, artifacts: Path) -> None:
     """Mid-run the page shows every shard with done/total between the records before and the files after, device and rate; then the plots."""
     live = live_airflow
@@ -99,8 +162,8 @@ def test_progress_page_shows_a_run_in_progress(live_airflow: LiveAirflow, chromi
         for row in finished:
             assert int(row["done"]) == int(row["total"]) == disk[row["shardId"]]
         for row in running:
-            assert row["device"] == "cpu" and row["cells"][4].startswith("CPU")
-            assert float(row["filesPerS"]) > 0 and row["cells"][6] != "-"
+            assert row["device"] == "cpu" and row["cells"][6].startswith("CPU")
+            assert float(row["filesPerS"]) > 0 and row["cells"][8] != "-"
         assert shown["run"]["state"] == "running" and shown["run"]["total"] == live.counts["ravdess"]
         assert shown["run"]["done"] == sum(int(r["done"]) for r in shown["rows"])
         assert shown["series"] >= 1 and shown["run"]["eta"] != "-"

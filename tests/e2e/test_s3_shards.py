@@ -21,7 +21,7 @@ from cnn_features.runner import run_shard
 from cnn_features.s3 import S3Access, S3Location
 from cnn_features.storage import check_feature_bytes, feature_file_size, npy_bytes
 from cnn_features.stores import LocalStore, Store, open_store, valid_features
-from tests.conftest import add_bad_inputs, make_ravdess
+from tests.conftest import IGNORED_EXTRA, add_bad_inputs, make_ravdess
 
 pytestmark = pytest.mark.e2e
 
@@ -170,9 +170,11 @@ def test_hostile_inputs_on_s3_are_named_and_nothing_runs(
         assert rel in reasons and (words in reasons[rel] or words.split()[0] in reasons[rel]), (rel, reasons.get(rel))
     for rel in escaping:
         assert "would leave the prefix" in reasons[rel], rel
-    assert result["extracted"] == len(listed) - len(reasons) >= len(rels) + 1  # the good files, the first take of the pair too
+    ignored = set(IGNORED_EXTRA)  # not .npy by name: never an input
+    assert shard["ignored"] == sorted(ignored)
+    assert result["extracted"] == len(listed) - len(reasons) - len(ignored) >= len(rels) + 1  # the first take of the pair too
     out = open_store(S3Location(bucket, "hostile-out"), access=access)
-    assert {rel for rel, _ in out.list() if rel.endswith(".npy") and not rel.startswith("_")} == listed - set(reasons)
+    assert {rel for rel, _ in out.list() if rel.endswith(".npy") and not rel.startswith("_")} == listed - set(reasons) - ignored
     assert not marker.exists()
 
 
@@ -267,3 +269,11 @@ def test_overlapping_s3_prefixes_are_refused(tmp_path: Path, s3_env: dict[str, A
     conf = {"datasets": {"ravdess": {"input": f"s3://{bucket}/corpus", "output": f"s3://{bucket}/corpus/features"}}}
     with pytest.raises(InvalidConf, match=r"datasets.ravdess: input s3://\S+/corpus and output s3://\S+/corpus/features overlap"):
         validate_conf(conf, load_settings(), access=access)
+
+
+def test_claiming_an_s3_output_is_create_if_absent(s3_env: dict[str, Any]) -> None:
+    """On S3 the output claim is a conditional PUT (If-None-Match): a second create of the key is refused, the first object stays."""
+    store = open_store(S3Location(s3_env["bucket"], "claim"), access=s3_env["access"])
+    assert store.create("_features.json", b"first") is True
+    assert store.create("_features.json", b"second") is False
+    assert store.read("_features.json") == b"first"

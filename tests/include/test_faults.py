@@ -95,6 +95,31 @@ def test_file_size_limit_fails_the_shard_cleanly(tmp_path: Path, reference_model
     assert run_shard(shard_for(tmp_path, reference_model), requested_device="cpu", probe=NO_GPU)["extracted"] == len(rels)
 
 
+# Address space a worker may still grow by once its model is loaded (the
+# 'as_headroom' fault): 1.5 GiB. A 100,000-frame clip (what MAX_ELEMENTS lets
+# in) takes about 3.7 GB through the reference CNN and crashed the worker
+# under it; 4,000-frame clips take about 0.1 GB each.
+LONG_CLIP_HEADROOM = 3 << 29
+
+
+def test_long_clips_under_a_memory_limit_are_bad_inputs_and_the_shard_completes(
+    tmp_path: Path, reference_model: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under RLIMIT_AS a clip too long for any pass is a bad input naming the limit; the other long and short clips are extracted."""
+    make_ravdess(tmp_path / "in", actors=1, emotions=2)
+    clips = {3: 4_000, 4: 4_000, 5: 100_000}
+    for emotion, frames in clips.items():
+        np.save(tmp_path / "in" / "Actor_01" / f"03-01-{emotion:02d}-01-01-01-01.npy", np.ones((128, frames), dtype=np.float32))
+    monkeypatch.setenv(ENV_VAR, f"as_headroom={LONG_CLIP_HEADROOM}")
+    result = run_shard(shard_for(tmp_path, reference_model), requested_device="cpu", probe=NO_GPU)
+    assert result["extracted"] == 4
+    (bad,) = result["bad"]
+    assert bad["file"] == "Actor_01/03-01-05-01-01-01-01.npy"
+    assert "100,000 frames need about" in bad["reason"] and "MiB pass memory limit" in bad["reason"] and "RLIMIT_AS" in bad["reason"]
+    assert 0 < result["pass_memory_budget_mb"] < LONG_CLIP_HEADROOM >> 20
+    assert len(visible_outputs(tmp_path / "out")) == 4
+
+
 def test_full_disk_fails_the_shard_cleanly(tmp_path: Path, reference_model: dict[str, Any]) -> None:
     """On a real full filesystem (a 64 KiB tmpfs) the shard fails with ENOSPC; every visible feature is whole."""
     make_ravdess(tmp_path / "in", actors=4, emotions=8, frames=24)
@@ -130,7 +155,7 @@ def test_second_run_on_a_busy_shard_fails_fast(tmp_path: Path, reference_model: 
     """While one process extracts a shard into a folder, another run of that shard fails naming the holder."""
     make_ravdess(tmp_path / "in", actors=1, emotions=2)
     spec = shard_for(tmp_path, reference_model)
-    with shard_lock(tmp_path / "out", spec["shard_id"]), pytest.raises(ShardFailed, match=rf"is being extracted by pid {os.getpid()}"):
+    with shard_lock(tmp_path / "out", spec["shard_id"], spec["files"]), pytest.raises(ShardFailed, match=rf"is being extracted by pid {os.getpid()}"):
         run_shard(spec, requested_device="cpu", probe=NO_GPU)
     assert run_shard(spec, requested_device="cpu", probe=NO_GPU)["extracted"] == 2
 

@@ -154,3 +154,60 @@ def test_a_changed_or_misnamed_model_is_checked_again(home: Path, reference_mode
     assert check_model(None, load_settings()) == reference_model
     assert len(started) == 3
     assert json.loads(entry.read_text()) == reference_model
+
+
+def test_a_file_name_that_is_not_utf8_is_a_bad_input_and_the_plan_serialises(tmp_path: Path) -> None:
+    """A name of raw non-UTF-8 bytes is listed as a bad input by its repr(); the plan is valid UTF-8 JSON."""
+    import os
+
+    make_ravdess(tmp_path / "in", actors=1, emotions=2)
+    raw = os.fsdecode(b"03-01-01-01-01-02-\xff.npy")
+    (tmp_path / "in" / "Actor_01" / raw).write_bytes(b"x")
+    (shard,) = plan_dataset(DatasetIO("ravdess", tmp_path / "in", tmp_path / "out"), shard_size=10)
+    json.dumps(shard).encode("utf-8")  # what XCom serialisation needs
+    json.dumps(shard, ensure_ascii=False).encode("utf-8")
+    shown = repr(f"Actor_01/{raw}")
+    assert shown in shard["files"] and shard["rejected"][shown] == f"{shown}: file name is not valid UTF-8; rename the file"
+    assert len(shard["files"]) == 3 and not any(f"Actor_01/{raw}" == rel for rel in shard["files"])
+
+
+def test_a_conf_with_several_mistakes_reports_them_all(home: Path) -> None:
+    """Bad shard_size, device, max_bad_fraction, model_path and a dataset input are all named in one message."""
+    conf = conf_for(home, shard_size=-1, device="tpu", max_bad_fraction=1.5, model_path="rel/m.keras")
+    conf["datasets"]["ravdess"]["input"] = "/etc"
+    with pytest.raises(InvalidConf) as info:
+        validate_conf(conf, load_settings())
+    text = str(info.value)
+    assert text.startswith("the run conf has 5 problems:")
+    named = ("datasets.ravdess.input: '/etc' is outside", "device: 'tpu'", "shard_size: expected",
+             "model_path: 'rel/m.keras' is relative", "max_bad_fraction: expected")
+    for field in named:
+        assert field in text, field
+
+
+def test_two_first_runs_claiming_one_output_cannot_both_win(tmp_path: Path) -> None:
+    """Sixteen first runs of different models claim one empty output folder at once: exactly one wins, every time."""
+    import threading
+
+    for attempt in range(10):
+        out = tmp_path / f"out{attempt}"
+        barrier = threading.Barrier(16)
+        won: list[int] = []
+
+        def claim(i: int, out: Path, barrier: threading.Barrier, won: list[int]) -> None:
+            model = {"sha256": f"{i:064x}", "feature_dim": 256, "path": f"/m{i}.keras"}
+            barrier.wait()
+            try:
+                claim_output(DatasetIO("ravdess", tmp_path / "in", out), model)
+            except OutputConflict:
+                return
+            won.append(i)
+
+        threads = [threading.Thread(target=claim, args=(i, out, barrier, won)) for i in range(16)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert len(won) == 1, f"attempt {attempt}: {len(won)} runs claimed {out}"
+        assert json.loads((out / "_features.json").read_text())["model_sha256"] == f"{won[0]:064x}"
+        assert [p.name for p in out.iterdir()] == ["_features.json"]

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 
 from cnn_features.faults import ENV_VAR
 from cnn_features.probe import run_probe
+from tests.stub_cuda import build_stub_driver
 
 REPORT_KEYS = {
     "usable", "device_name", "memory_total_mb", "driver_version", "cuda_version",
-    "cudnn_version", "framework", "framework_version", "error", "elapsed_s",
+    "cudnn_version", "framework", "framework_version", "precision", "error", "elapsed_s",
 }
 
 
@@ -42,3 +44,30 @@ def test_crashing_probe_means_no_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     report = run_probe(timeout_s=60)
     assert report["usable"] is False
     assert "killed by signal 6" in report["error"]
+
+
+def test_probe_names_the_configured_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The report names the Keras backend it checked and the precision GPU shards would run at."""
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    monkeypatch.setenv("CNN_FEATURES_KERAS_BACKEND", "jax")
+    report = run_probe(timeout_s=120)
+    assert report["framework"] == "jax" and report["framework_version"]
+    assert report["precision"] == "float32"
+
+
+@pytest.mark.parametrize(("backend", "words"), [("tensorflow", "tensorflow[and-cuda]"), ("jax", "jax[cuda13]")])
+def test_driver_with_cpu_only_build_says_how_to_fix(
+    backend: str, words: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a driver present but a CPU-only build of the backend, the report says exactly that and how to fix it."""
+    stub = build_stub_driver(tmp_path / "driver")
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    monkeypatch.setenv("LD_LIBRARY_PATH", str(stub))
+    monkeypatch.setenv("CNN_FEATURES_KERAS_BACKEND", backend)
+    report = run_probe(timeout_s=120)
+    if report["usable"]:
+        pytest.skip(f"a real GPU build of {backend} is installed here")
+    assert report["driver_found"] is True
+    assert (report["device_name"], report["device_count"], report["driver_version"]) == ("Stub GPU", 1, "13.0")
+    assert f"NVIDIA driver 13.0 and 1 GPU(s) found, but {backend} cannot use them" in report["error"]
+    assert "Fix:" in report["error"] and words in report["fix"]

@@ -74,7 +74,7 @@ def test_shards_show_state_counts_device_and_fallback(run: dict[str, Any]) -> No
 
 
 def test_run_and_datasets_sum_their_shards(run: dict[str, Any]) -> None:
-    """Datasets and the run add up their shards; the run rate spans first to last record, and gives the ETA."""
+    """Datasets and the run add up their shards; the run rate (files extracted) spans first to last record, and gives the ETA."""
     progress = load_run(run["folder"])
     assert progress.run_id == RUN_ID
     assert [(d.name, d.done, d.total, d.state) for d in progress.datasets] == [
@@ -82,8 +82,8 @@ def test_run_and_datasets_sum_their_shards(run: dict[str, Any]) -> None:
         ("crema_d", 0, 20, "pending"),
     ]
     assert (progress.done, progress.total, progress.state) == (14, 40, "running")
-    assert progress.files_per_s == pytest.approx(14 / 10)
-    assert progress.eta_s == pytest.approx(26 / 1.4)
+    assert progress.files_per_s == pytest.approx(13 / 10)
+    assert progress.eta_s == pytest.approx(26 / 1.3)
     assert progress.updated == 1010.0
 
 
@@ -193,3 +193,94 @@ def test_progress_command_prints_the_newest_run(run: dict[str, Any]) -> None:
     assert json.loads(data.stdout)["done"] == 14
     missing = subprocess.run([*cmd, "nope"], env=env, capture_output=True, text=True, check=False, timeout=60)
     assert missing.returncode == 2 and "no progress records for run 'nope'" in missing.stderr
+
+
+def finish(run: dict[str, Any], *, skipped: bool = False) -> None:
+    """Append a success record to every shard of the ``run`` fixture."""
+    for spec in run["shards"]:
+        total = len(spec["files"])
+        extracted, skip = (0, total) if skipped else (total, 0)
+        ProgressLog(run["folder"], spec).write(
+            state="success", device="cpu", fallback_reason=None, done=total, extracted=extracted, skipped=skip, bad=0,
+            files_per_s=0.0 if skipped else 4.0, elapsed_s=1.0,
+        )
+
+
+def test_a_run_whose_verification_failed_is_failed_everywhere(run: dict[str, Any]) -> None:
+    """Every shard done but verification failed: the run, the terminal line, the JSON and the page say failed; the command exits 1."""
+    from cnn_features.progress import write_verification
+
+    finish(run)
+    progress = load_run(run["folder"])
+    assert (progress.state, progress.verification) == ("verifying", "pending")
+    assert load_run(run["folder"], dag_state="failed").state == "failed"
+    write_verification(
+        run["folder"], passed=False, problems=["ravdess: 1 of 20 inputs are bad (5.0%), above max_bad_fraction 0.0%"],
+        datasets={"ravdess": {"passed": False, "bad_inputs": 1, "ignored": 2}, "crema_d": {"passed": True, "bad_inputs": 0}},
+    )
+    progress = load_run(run["folder"])
+    assert (progress.state, progress.verification, progress.bad) == ("failed", "failed", 1)
+    assert progress.error is not None and "1 of 20 inputs are bad" in progress.error
+    assert [(d.name, d.state) for d in progress.datasets] == [("ravdess", "failed"), ("crema_d", "success")]
+    assert to_dict(progress)["state"] == "failed"
+    text = format_run(progress, now=2000.0)
+    assert text.startswith(f"run {RUN_ID}: failed, 40/40 files (40 extracted, 0 skipped, 1 bad, 0 ignored)")
+    assert "verification: failed" in text
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "plugins"))
+    try:
+        import cnn_progress_page
+    finally:
+        sys.path.pop(0)
+    page = cnn_progress_page.render_run(progress, base="/", now=2000.0)
+    assert 'id="run-state" data-state="failed"' in page and 'data-bad="1"' in page and "state-success" in page  # crema_d only
+    assert "1 of 20 inputs are bad" in page
+
+    home = run["root"] / "cli-home"
+    home.mkdir()
+    (home / "progress").symlink_to(run["root"])
+    env = {"CNN_FEATURES_HOME": str(home), "PATH": "/usr/bin:/bin"}
+    shown = subprocess.run([sys.executable, "-m", "cnn_features", "progress", RUN_ID], env=env, capture_output=True,
+                           text=True, check=False, timeout=60)
+    assert shown.returncode == 1 and f"run {RUN_ID}: failed" in shown.stdout, shown.stderr
+
+    write_verification(run["folder"], passed=True, problems=[], datasets={})
+    assert load_run(run["folder"]).state == "success"
+
+
+def test_ignored_counts_come_from_the_plan(tmp_path: Path) -> None:
+    """Files ignored by the plan (not .npy) are counted per dataset and for the run."""
+    folder = run_folder(tmp_path, "r")
+    write_plan(folder, "r", [{**shard("ravdess", 1, 1, 3), "ignored_count": 2}])
+    progress = load_run(folder)
+    assert (progress.ignored, progress.datasets[0].ignored) == (2, 2)
+
+
+def test_every_run_is_listed_with_its_state_and_a_plan_error(tmp_path: Path) -> None:
+    """The run list shows each run's state; a run whose plan failed shows the error; Airflow's runs without records are listed."""
+    from cnn_features.progress import write_plan_error
+
+    write_plan(run_folder(tmp_path, "ok"), "ok", [shard("ravdess", 1, 1, 3)])
+    write_plan_error(run_folder(tmp_path, "bad-conf"), "bad-conf", "shard_size: expected an integer from 1 to 100000, got -1")
+    runs = {r.run_id: r for r in list_runs(tmp_path, dag_runs={"ok": ("running", 5.0), "early": ("failed", 9.0)})}
+    assert (runs["ok"].state, runs["ok"].error) == ("pending", None)
+    assert runs["bad-conf"].state == "failed" and "shard_size" in str(runs["bad-conf"].error)
+    assert runs["early"].state == "failed" and "no plan recorded" in str(runs["early"].error)
+    with pytest.raises(ProgressNotFound):
+        find_run(tmp_path, "early")
+    assert load_run(run_folder(tmp_path, "bad-conf")).state == "failed"
+
+
+def test_a_rerun_that_skips_every_file_shows_skipped_not_a_zero_rate(run: dict[str, Any]) -> None:
+    """Shards that skipped every file show them in a skipped column and '-' for files/s, not 0.0."""
+    from cnn_features.progress_report import rate_text
+
+    for spec in run["shards"]:
+        (run["folder"] / f"{spec['shard_id']}.jsonl").unlink(missing_ok=True)
+    finish(run, skipped=True)
+    progress = load_run(run["folder"])
+    assert all(rate_text(s) == "-" and s.skipped == s.total for s in progress.shards)
+    text = format_run(progress, now=2000.0)
+    assert "skipped" in text.splitlines()[3]
+    row = next(line for line in text.splitlines() if line.startswith("  ravdess 1/2"))
+    assert row.split()[4:7] == ["10", "0", "-"]  # skipped, bad, files/s

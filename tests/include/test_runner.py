@@ -13,7 +13,7 @@ import pytest
 from cnn_features.errors import ShardFailed
 from cnn_features.faults import CUDA_NOT_INITIALIZED, ENV_VAR
 from cnn_features.plan import DatasetIO, plan_dataset
-from cnn_features.runner import choose_device, run_shard
+from cnn_features.runner import choose_device, run_shard, shard_lock
 from tests.conftest import GOOD_EXTRA, add_bad_inputs, make_ravdess, read_only
 
 NO_GPU = {"usable": False, "error": "no GPU in tests"}
@@ -142,3 +142,83 @@ def test_progress_records_are_written(tmp_path: Path, reference_model: dict[str,
     assert records[0]["state"] == "running" and records[-1]["state"] == "success"
     assert records[-1]["done"] == records[-1]["total"] == 3 and records[-1]["device"] == "cpu"
     assert all(r["label"] == "ravdess 1/1" for r in records)
+
+
+def test_a_non_finite_feature_makes_its_input_a_bad_input(tmp_path: Path, reference_model: dict[str, Any]) -> None:
+    """A finite but huge spectrogram whose feature overflows is a listed bad input, not a feature, and verification passes at max_bad_fraction 1."""
+    from cnn_features.verify import verify_run
+    from tests.conftest import tiny_spectrogram, write_clip
+
+    rels = make_ravdess(tmp_path / "in", actors=1, emotions=3)
+    write_clip(tmp_path / "in" / rels[0], tiny_spectrogram(5, 32) * np.float32(1e37))
+    shard = shard_for(tmp_path, reference_model)
+    result = run_shard(shard, requested_device="cpu", probe=NO_GPU)
+    assert [item["file"] for item in result["bad"]] == [rels[0]]
+    assert "NaN or infinite value(s)" in result["bad"][0]["reason"]
+    assert result["extracted"] == 2 and sorted(features(tmp_path / "out")) == rels[1:]
+    summary = verify_run([shard], [result], max_bad_fraction=1.0)
+    assert summary["datasets"]["ravdess"]["bad_inputs"] == 1 and summary["passed"]
+
+
+def test_an_internal_error_on_gpu_is_not_rerun_on_cpu(
+    tmp_path: Path, reference_model: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug in the worker (here a spec without batch_size) fails the shard as an internal error, with no CPU re-run."""
+    make_ravdess(tmp_path / "in", actors=1, emotions=2)
+    monkeypatch.setenv(ENV_VAR, "fake_gpu")
+    spec = shard_for(tmp_path, reference_model)
+    del spec["batch_size"]
+    with pytest.raises(ShardFailed, match="failed on GPU: internal error: KeyError: 'batch_size'") as info:
+        run_shard(spec, requested_device="gpu", probe=NO_GPU)
+    assert "after GPU failure" not in str(info.value)
+
+
+def test_a_progress_record_that_cannot_be_written_does_not_stop_the_shard(
+    tmp_path: Path, reference_model: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """With the progress file on a full device (ENOSPC), the shard extracts every file and warns once."""
+    make_ravdess(tmp_path / "in", actors=1, emotions=3)
+    progress = tmp_path / "p"
+    progress.mkdir()
+    (progress / "ravdess-0001.jsonl").symlink_to("/dev/full")
+    with caplog.at_level("WARNING", logger="cnn_features.progress"):
+        result = run_shard(shard_for(tmp_path, reference_model), requested_device="cpu", probe=NO_GPU, progress_dir=progress)
+    assert result["extracted"] == 3 and len(features(tmp_path / "out")) == 3
+    warnings = [r.getMessage() for r in caplog.records if r.name == "cnn_features.progress"]
+    assert len(warnings) == 1 and "No space left on device" in warnings[0]
+
+
+_HOLD_A_CLAIM = """
+import json, sys, time
+from cnn_features.runner import shard_lock
+with shard_lock(sys.argv[1], sys.argv[2], json.loads(sys.argv[3])):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_the_shard_guard_is_keyed_to_files_not_shard_ids(tmp_path: Path) -> None:
+    """Overlapping shards of runs with different shard sizes conflict; the same id over other files does not; a dead holder's claim is freed."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    files = [f"Actor_01/{i:02d}.npy" for i in range(20)]
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_A_CLAIM, str(out), "ravdess-0001", json.dumps(files[:10])], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        overlapping = shard_lock(out, "ravdess-0002", files[5:15])  # shard_size 5 in another run
+        with pytest.raises(ShardFailed, match=rf"5 of its files in {out} are being extracted by pid {holder.pid} "), overlapping:
+            pass
+        with shard_lock(out, "ravdess-0001", files[10:]):  # same id, other files: no conflict
+            pass
+        with pytest.raises(ShardFailed, match=f"is being extracted by pid {holder.pid}"), shard_lock(out, "ravdess-0001", files[:10]):
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with shard_lock(out, "ravdess-0009", files):  # the killed holder's claim is stale
+        claims = [p.name for p in (out / "_shards").glob("*.lock")]
+        assert len(claims) == 1 and claims[0].startswith("ravdess-0009-")

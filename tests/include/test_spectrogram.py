@@ -27,7 +27,7 @@ def test_good_file_loads_as_float32(tmp_path: Path) -> None:
 
 
 def test_every_bad_input_class_is_refused_with_its_reason(tmp_path: Path) -> None:
-    """Truncated, pickled, wrong ndim/dtype, NaN, too short, not-npy, huge and escaping files each raise."""
+    """Truncated, pickled, wrong ndim/dtype, NaN, too short, not-npy by content, huge and escaping files each raise."""
     root = tmp_path / "ravdess"
     marker = tmp_path / "pwned"
     bad = add_bad_inputs(root, marker)
@@ -35,8 +35,6 @@ def test_every_bad_input_class_is_refused_with_its_reason(tmp_path: Path) -> Non
     for rel, words in bad.items():
         if words in ("does not follow RAVDESS", "duplicate clip id"):
             continue  # name-level problems, found by datasets.label_all
-        if rel.endswith(".txt"):
-            continue  # never loaded: not .npy by name
         with pytest.raises(InvalidSpectrogram) as info:
             load(root, rel)
         assert rel in str(info.value)
@@ -145,3 +143,35 @@ def test_escape_is_checked_on_the_opened_file(tmp_path: Path) -> None:
         load_spectrogram(tmp_path / "root" / "a.npy", relpath="a.npy", n_mels=128, min_frames=16, inside=root)
     with pytest.raises(InvalidSpectrogram, match="outside the dataset root"):
         read_header(tmp_path / "root" / "a.npy", "a.npy", inside=root)
+
+
+def test_a_fifo_outside_the_root_is_refused_before_it_is_opened(tmp_path: Path) -> None:
+    """A symlink to a FIFO outside the root is refused without opening the FIFO: a writer waiting on it stays blocked."""
+    import os
+    import threading
+    import time
+
+    from cnn_features.spectrogram import MAX_INPUT_BYTES, read_input
+
+    root = tmp_path / "root"
+    root.mkdir()
+    fifo = tmp_path / "outside.fifo"
+    os.mkfifo(fifo)
+    (root / "x.npy").symlink_to(fifo)
+    opened = threading.Event()
+
+    def writer() -> None:
+        with open(fifo, "wb"):  # blocks until someone opens the read end
+            opened.set()
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    time.sleep(0.3)  # let the writer block in open()
+    try:
+        with pytest.raises(InvalidSpectrogram, match="outside the dataset root"):
+            read_input(root / "x.npy", "x.npy", inside=root.resolve(), max_bytes=MAX_INPUT_BYTES)
+        assert not opened.wait(0.5), "the FIFO was opened before it was refused"
+    finally:
+        fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # release the writer
+        thread.join(5)
+        os.close(fd)

@@ -185,3 +185,50 @@ def test_save_with_renames_a_complete_file_and_cleans_up_a_failed_one(tmp_path: 
         storage.save_with(final, fails)
     assert final.read_bytes() == b"new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.keras"]
+
+
+def test_temporary_names_carry_host_pid_and_a_random_part(tmp_path: Path) -> None:
+    """Two temporaries for one output in one process differ, and each names the host and pid (shared volumes)."""
+    import os
+    import socket
+
+    from cnn_features.storage import temp_path
+
+    first, second = temp_path(tmp_path / "a.npy"), temp_path(tmp_path / "a.npy")
+    assert first != second
+    assert all(p.name.startswith(f".a.npy.tmp-{socket.gethostname()}-{os.getpid()}-") for p in (first, second))
+
+
+# A writer that stops half-way through writing its temporary (a slow model save).
+_HOLD_A_TEMP = """
+import sys, time
+from pathlib import Path
+from cnn_features import storage
+
+def save(tmp):
+    tmp.write_bytes(b"half")
+    print(tmp, flush=True)
+    time.sleep(600)
+
+storage.save_with(Path(sys.argv[1]), save)
+"""
+
+
+def test_only_temporaries_whose_writer_is_gone_are_removed(tmp_path: Path) -> None:
+    """A temporary whose writer is alive (it holds its lock) stays; one whose writer was SIGKILLed is removed."""
+    writers = [
+        subprocess.Popen([sys.executable, "-c", _HOLD_A_TEMP, str(tmp_path / name)], stdout=subprocess.PIPE, text=True)
+        for name in ("alive.npy", "killed.npy")
+    ]
+    try:
+        alive, killed = (Path(w.stdout.readline().strip()) for w in writers)  # type: ignore[union-attr]
+        writers[1].kill()
+        writers[1].wait()
+        assert storage.remove_stale_temps(tmp_path, {"alive.npy", "killed.npy"}) == 1
+        assert alive.exists() and not killed.exists()
+    finally:
+        for writer in writers:
+            writer.kill()
+            writer.wait()
+    assert storage.remove_stale_temps(tmp_path, {"alive.npy"}) == 1
+    assert os.listdir(tmp_path) == []

@@ -46,7 +46,7 @@ def test_training_beats_chance_on_separable_features(tmp_path: Path) -> None:
                 vec[k * 4 : k * 4 + 4] += 3.0
                 np.save(tmp_path / rel, vec)
                 items.append({"feature": rel, "clip_id": rel, "emotion": emotion, "actor": f"{1000 + actor}"})
-    (tmp_path / "manifest.json").write_text(json.dumps({"dataset": "crema_d", "feature_dim": 32, "items": items}))
+    (tmp_path / "manifest.json").write_text(json.dumps({"dataset": "crema_d", "feature_dim": 32, "passed": True, "items": items}))
     metrics = run_training(tmp_path / "manifest.json", epochs=40)
     assert metrics["test_actors"] == ["1005", "1010"] and metrics["n_test"] == 24
     assert metrics["accuracy"] > 0.8 > 3 * metrics["chance_accuracy"]
@@ -59,7 +59,7 @@ def test_training_beats_chance_on_separable_features(tmp_path: Path) -> None:
 
 def test_training_failure_carries_the_reason(tmp_path: Path) -> None:
     """An empty manifest fails with a message naming it."""
-    (tmp_path / "manifest.json").write_text(json.dumps({"dataset": "ravdess", "feature_dim": 8, "items": []}))
+    (tmp_path / "manifest.json").write_text(json.dumps({"dataset": "ravdess", "feature_dim": 8, "passed": True, "items": []}))
     with pytest.raises(TrainingFailed, match="no features listed"):
         run_training(tmp_path / "manifest.json", epochs=1)
 

@@ -87,3 +87,46 @@ def test_orphans_and_stale_temps_are_reported(tmp_path: Path) -> None:
     report = json.loads((out / "verification_report.json").read_text())
     assert report["orphan_features"] == ["Actor_09/x.npy"]
     assert report["stale_temp_files"] == ["Actor_01/.y.npy.tmp-1"]
+
+
+def test_a_failing_dataset_leaves_no_manifest_and_training_refuses_an_unpassed_one(home: Path) -> None:
+    """A failing verification removes the manifest (none to train on); a manifest not marked passed is refused by training."""
+    from cnn_features.config import load_settings
+    from cnn_features.errors import InvalidConf
+    from cnn_features.training import TrainingFailed, load_manifest, training_jobs
+    from cnn_features.stores import LocalStore
+
+    shards = planned(home / "v")
+    results = fake_extract(shards)
+    verify_run(shards, results, max_bad_fraction=0.0)
+    out = home / "v" / "out"
+    assert json.loads((out / "manifest.json").read_text())["passed"] is True
+    (out / shards[0]["files"][0]).unlink()
+    with pytest.raises(VerificationFailed):
+        verify_run(shards, results, max_bad_fraction=0.0)
+    assert not (out / "manifest.json").exists()
+    assert json.loads((out / "verification_report.json").read_text())["passed"] is False
+
+    (out / "manifest.json").write_text(json.dumps({"dataset": "ravdess", "feature_dim": DIM, "items": []}))
+    with pytest.raises(InvalidConf, match="not marked as passed"):
+        training_jobs({"datasets": {"ravdess": {"manifest": str(out / "manifest.json")}}}, load_settings())
+    with pytest.raises(TrainingFailed, match="not marked as passed"):
+        load_manifest(LocalStore(out), "manifest.json")
+
+
+def test_files_that_are_not_spectrograms_are_ignored_not_bad(tmp_path: Path) -> None:
+    """A README.txt and a .DS_Store pass verification at max_bad_fraction 0, listed as ignored; a broken .npy is still bad."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "README.txt").write_text("corpus notes\n")
+    (tmp_path / "in" / ".DS_Store").write_bytes(b"\0Bud1")
+    shards = planned(tmp_path)
+    assert all("README.txt" not in s["files"] and ".DS_Store" not in s["files"] for s in shards)
+    summary = verify_run(shards, fake_extract(shards), max_bad_fraction=0.0)
+    assert summary["passed"] and summary["datasets"]["ravdess"]["ignored"] == 1
+    report = json.loads((tmp_path / "out" / "verification_report.json").read_text())
+    assert report["ignored_files"] == ["README.txt"] and report["bad_inputs"] == []
+
+    (tmp_path / "in" / "Actor_01" / "take.npy").write_bytes(b"not numpy")
+    shards = [{**s, "model": MODEL} for s in plan_dataset(DatasetIO("ravdess", tmp_path / "in", tmp_path / "out"), shard_size=4)]
+    with pytest.raises(VerificationFailed, match="1 of 7 inputs are bad"):
+        verify_run(shards, fake_extract(shards), max_bad_fraction=0.0)

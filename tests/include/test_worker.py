@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from cnn_features.runner import run_shard  # noqa: E402
 from cnn_features.worker import (  # noqa: E402
     CPU_PASS_FRAMES,
     CPU_PASS_FRAMES_AVX512,
+    InferenceError,
     Pass,
     _results,
     cpu_pass_frames,
@@ -95,6 +97,17 @@ def test_folding_a_dense_model_with_trained_statistics(tmp_path: Path) -> None:
     np.testing.assert_allclose(make_predictor(fast, info)(x), predict(model, x, info), rtol=1e-5, atol=1e-5)
 
 
+def test_pass_size_keeps_passes_within_the_memory_budget_on_every_device() -> None:
+    """Passes shrink to fit the activation budget on CPU and GPU; a clip that alone exceeds it fits no pass."""
+    budget, per_frame = 1 << 30, 48 << 10
+    assert pass_size(256, batch_size=32, device="gpu", budget=budget, bytes_per_frame=per_frame) == 32
+    assert pass_size(4_000, batch_size=32, device="gpu", budget=budget, bytes_per_frame=per_frame) == 5
+    assert pass_size(4_000, batch_size=32, device="cpu", budget=budget, bytes_per_frame=per_frame, streams=2) == 1
+    assert pass_size(15_000, batch_size=32, device="cpu", budget=budget, bytes_per_frame=per_frame, streams=2) == 1
+    assert pass_size(100_000, batch_size=32, device="gpu", budget=budget, bytes_per_frame=per_frame) == 0
+    assert pass_size(100_000, batch_size=32, device="cpu", budget=budget, bytes_per_frame=per_frame) == 0
+
+
 def test_pass_size_bounds_cpu_passes_by_frames() -> None:
     """On CPU a pass holds about cpu_pass_frames() frames (at least one clip); on GPU the batch size rules."""
     assert cpu_pass_frames() in (CPU_PASS_FRAMES, CPU_PASS_FRAMES_AVX512)
@@ -123,7 +136,7 @@ def test_a_failing_pass_is_raised_in_the_caller() -> None:
     def broken(batch: np.ndarray) -> np.ndarray:
         raise ValueError("shape the model cannot take")
 
-    with pytest.raises(ValueError, match="cannot take"):
+    with pytest.raises(InferenceError, match="ValueError: shape the model cannot take"):
         list(_results(passes, broken, streams=2))
 
 
@@ -189,3 +202,93 @@ def test_single_stream_workers_share_the_cores() -> None:
     finally:
         holder.kill()
         holder.wait()
+
+
+def _run_worker_main(
+    tmp_path: Path, model: dict[str, Any], device: str, capsys: pytest.CaptureFixture[str]
+) -> tuple[int, dict[str, Any]]:
+    """Run ``worker.main`` in this process on a 2-file shard; return its exit code and result line."""
+    from cnn_features import worker
+    from cnn_features.procs import PARENT_PID_ENV, RESULT_PREFIX, parse_line
+
+    os.environ.pop(PARENT_PID_ENV, None)
+    make_ravdess(tmp_path / "in", actors=1, emotions=2)
+    (shard,) = plan_dataset(DatasetIO("ravdess", tmp_path / "in", tmp_path / "out"), shard_size=100)
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({**shard, "model": model, "batch_size": 4}))
+    code = worker.main(["--spec", str(spec), "--device", device])
+    lines = [p for line in capsys.readouterr().out.splitlines() if (p := parse_line(line, RESULT_PREFIX)) is not None]
+    return code, lines[-1]
+
+
+def test_failures_are_reported_as_what_they_are(
+    tmp_path: Path, reference_model: dict[str, Any], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An input read error, a failing pass on CPU and on GPU, and a bug each get their own status, not "cannot write"."""
+    from cnn_features import worker
+    from cnn_features.faults import ENV_VAR
+    from cnn_features.stores import LocalStore
+
+    def unreadable(self: LocalStore, items: Any, *, max_bytes: int, threads: int = 1) -> Any:
+        raise OSError(5, "Input/output error", str(self.root))
+        yield  # a generator, as the real one
+
+    def broken(batch: np.ndarray) -> np.ndarray:
+        raise RuntimeError("CUDA_ERROR_ILLEGAL_ADDRESS")
+
+    monkeypatch.setattr(worker, "_load_predictor", lambda info, device, streams: lambda b: b.reshape(len(b), -1)[:, :256])
+    with monkeypatch.context() as patch:
+        patch.setattr(LocalStore, "read_many", unreadable)
+        code, result = _run_worker_main(tmp_path / "read", reference_model, "cpu", capsys)
+    assert (code, result["status"]) == (worker.EXIT_INPUT, "input_failed")
+    assert "cannot read inputs under" in result["error"] and "cannot write" not in result["error"]
+
+    monkeypatch.setattr(worker, "_load_predictor", lambda info, device, streams: broken)
+    code, result = _run_worker_main(tmp_path / "cpu", reference_model, "cpu", capsys)
+    assert (code, result["status"]) == (worker.EXIT_MODEL, "model_failed")
+    assert "CUDA_ERROR_ILLEGAL_ADDRESS" in result["error"]
+    monkeypatch.setenv(ENV_VAR, "fake_gpu")
+    code, result = _run_worker_main(tmp_path / "gpu", reference_model, "gpu", capsys)
+    assert (code, result["status"]) == (worker.EXIT_GPU_RUN, "gpu_failed")
+
+    def bug(*args: Any, **kwargs: Any) -> Any:
+        raise KeyError("files")
+
+    monkeypatch.setattr(worker, "_pending", bug)
+    code, result = _run_worker_main(tmp_path / "bug", reference_model, "gpu", capsys)
+    assert (code, result["status"]) == (worker.EXIT_INTERNAL, "internal_error")
+    assert result["error"] == "internal error: KeyError: 'files'"
+
+
+def test_cpu_slot_locks_refuse_planted_symlinks_and_open_folders(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A symlinked or world-writable slot folder, or a lock file planted as a symlink, is refused; the target is untouched."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    folder = tmp_path / f"cnn-features-{os.getuid()}"
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+
+    folder.symlink_to(elsewhere)
+    with cpu_slot(1, "s1"):
+        pass
+    assert list(elsewhere.iterdir()) == [] and "refusing it" in caplog.text
+    folder.unlink()
+
+    folder.mkdir()
+    folder.chmod(0o777)
+    caplog.clear()
+    with cpu_slot(1, "s2"):
+        pass
+    assert "not 0700" in caplog.text and list(folder.iterdir()) == []
+
+    folder.chmod(0o700)
+    for i in range(len(os.sched_getaffinity(0))):
+        (folder / f"cpu-slot-{i}.lock").symlink_to(victim)
+    with cpu_slot(1, "s3"):
+        pass
+    assert victim.read_text() == "precious\n"
