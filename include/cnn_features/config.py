@@ -34,9 +34,10 @@ DEFAULT_SHARD_CONCURRENCY = 2
 # per core; 0 means one per core this process may run on. Measured on 2 cores:
 # 2 passes x 1 thread beat 1 pass x 2 threads by about 10 % (docs/benchmarks.md).
 DEFAULT_CPU_THREADS = 0
-# GETs (and PUTs) a shard keeps in flight on S3. On loopback one GET takes
-# ~2 ms; with 20 ms of latency per request, as cloud S3 answers, 8 in flight
-# still outpace the model on 2 cores (docs/benchmarks.md).
+# GETs (and PUTs) a shard keeps in flight on S3. With 20 ms added to every
+# request, as cloud S3 answers, 8 in flight outpaced the model in the reader
+# alone but only in half the stage runs; 16 kept the stage compute-bound on 2
+# cores (docs/benchmarks.md, "S3").
 DEFAULT_S3_CONCURRENCY = 16
 # botocore's retry mode and attempts (first try included): "standard" backs off
 # exponentially with jitter; "adaptive" also rate-limits the client on throttling.
