@@ -118,10 +118,14 @@ def s3_access(params: dict[str, Any]) -> Any:
 def cnn_feature_extraction() -> None:
     @task(retries=0)
     def probe_gpu() -> dict[str, Any]:
-        """Probe the GPU in a fresh process; report, never fail."""
+        """Probe the GPU in a fresh process; report (in the log and on the progress page), never fail."""
         from cnn_features.probe import run_probe
+        from cnn_features.progress import run_folder, write_probe
 
-        return run_probe(timeout_s=SETTINGS.probe_timeout_s)
+        report = run_probe(timeout_s=SETTINGS.probe_timeout_s)
+        run_id = get_current_context()["run_id"]
+        write_probe(run_folder(SETTINGS.progress_root, run_id), report)
+        return report
 
     @task
     def plan_shards() -> list[dict[str, Any]]:

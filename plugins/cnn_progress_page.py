@@ -21,6 +21,7 @@ from cnn_features.progress_report import (
     ShardProgress,
     device_text,
     format_duration,
+    gpu_text,
     rate_text,
 )
 
@@ -188,6 +189,17 @@ def throughput_svg(run: RunProgress) -> str:
     return "".join(parts) + f'<div class="legend">{legend}</div>'
 
 
+def _gpu_line(run: RunProgress) -> str:
+    """Return the probe's finding above the shards: usable and the device, or the error and how to fix it."""
+    usable = "unknown" if run.probe is None else ("yes" if run.probe.get("usable") else "no")
+    fix = run.probe.get("fix") if run.probe else None
+    css = "error" if usable == "no" and fix else "muted"
+    line = f'<p class="{css}" id="run-gpu" data-usable="{usable}">{_e(gpu_text(run.probe))}</p>'
+    if fix:
+        line += f'<p class="error" id="run-gpu-fix">Fix: <code>{_e(fix)}</code></p>'
+    return line
+
+
 def render_run(run: RunProgress, *, base: str, now: float | None = None, dag_id: str | None = None) -> str:
     """Return the progress page of one run."""
     now = time.time() if now is None else now
@@ -208,6 +220,7 @@ def render_run(run: RunProgress, *, base: str, now: float | None = None, dag_id:
     )
     if run.error:
         summary += f'<p class="error" id="run-error">{_e(run.error)}</p>'
+    summary += _gpu_line(run)
     sections = []
     for dataset in run.datasets:
         rows = "".join(_shard_row(shard, now) for shard in dataset.shards)

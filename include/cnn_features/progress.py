@@ -7,6 +7,7 @@ Layout, one folder per DAG run under ``$CNN_FEATURES_HOME/progress``, named
                                              or the plan's error when plan_shards failed
     progress/<run folder>/<shard_id>.jsonl   one JSON record per line, appended as the shard runs
     progress/<run folder>/verification.json  verify_features' outcome: passed, counts, problems
+    progress/<run folder>/probe.json         probe_gpu's report: usable, device, versions, error, fix
 
 A record carries ``ts`` (Unix seconds), ``shard_id``, ``label``, ``dataset``,
 ``state`` (``running`` | ``success`` | ``failed``), ``device``, ``fallback_reason``,
@@ -31,6 +32,14 @@ log = logging.getLogger(__name__)
 
 PLAN_NAME = "plan.json"
 VERIFICATION_NAME = "verification.json"
+PROBE_NAME = "probe.json"
+# The probe report's fields a run's records keep: the device, versions, error
+# and fix the page shows. An allowlist, so nothing else a report may grow
+# (environment, paths) reaches a file the page serves.
+PROBE_FIELDS = (
+    "usable", "device_name", "device_count", "memory_total_mb", "driver_found", "driver_version",
+    "cuda_version", "cudnn_version", "framework", "framework_version", "error", "fix", "elapsed_s",
+)
 # Problems kept in the verification record; the reports in the output folders hold all.
 MAX_RECORDED_PROBLEMS = 20
 # Characters kept as they are in a run folder name; any other (Airflow run ids
@@ -126,6 +135,15 @@ def write_verification(folder: Path, *, passed: bool, datasets: dict[str, Any], 
         write_json_atomic(folder / VERIFICATION_NAME, record)
     except OSError as exc:
         log.warning("cannot record the verification outcome under %s: %s", folder, exc)
+
+
+def write_probe(folder: Path, report: dict[str, Any]) -> None:
+    """Record probe_gpu's report (``PROBE_FIELDS`` only) for the run's progress (best-effort: a failure is logged)."""
+    record = {"ts": round(time.time(), 3), **{k: report.get(k) for k in PROBE_FIELDS}}
+    try:
+        write_json_atomic(folder / PROBE_NAME, record)
+    except OSError as exc:
+        log.warning("cannot record the GPU probe's report under %s: %s", folder, exc)
 
 
 class ProgressLog:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from cnn_features.errors import CnnFeaturesError
-from cnn_features.progress import PLAN_NAME, VERIFICATION_NAME, run_folder
+from cnn_features.progress import PLAN_NAME, PROBE_NAME, VERIFICATION_NAME, run_folder
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +113,7 @@ class RunProgress:
     verification: str = "pending"  # "passed", "failed", or "pending" (not verified yet)
     error: str | None = None  # why the run failed, when the plan or verification says
     dag_state: str | None = None  # the Airflow DAG run's state, where Airflow was asked
+    probe: dict[str, Any] | None = None  # probe_gpu's report (progress.PROBE_FIELDS), once it has run
 
     @property
     def shards(self) -> tuple[ShardProgress, ...]:
@@ -246,6 +247,33 @@ def read_verification(folder: Path) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
+def read_probe(folder: Path) -> dict[str, Any] | None:
+    """Return the run's GPU probe report, or None when probe_gpu has not recorded one."""
+    try:
+        record = json.loads((folder / PROBE_NAME).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, json.JSONDecodeError) as exc:
+        log.warning("%s: unreadable (%s)", folder / PROBE_NAME, exc)
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def gpu_text(probe: dict[str, Any] | None) -> str:
+    """Return the probe's finding in one line: usable with the device, or not with the error (its fix apart)."""
+    if probe is None:
+        return "GPU: not probed yet"
+    framework = " ".join(str(probe[k]) for k in ("framework", "framework_version") if probe.get(k))
+    if probe.get("usable"):
+        memory = f", {probe['memory_total_mb']} MiB" if probe.get("memory_total_mb") else ""
+        return f"GPU: usable: {probe.get('device_name') or 'unnamed device'}{memory}" + (f" ({framework})" if framework else "")
+    error = str(probe.get("error") or "no error given")
+    fix = str(probe.get("fix") or "")
+    if fix and error.endswith(f". Fix: {fix}"):  # the probe's error quotes its fix; show it once, on its own line
+        error = error[: -len(f". Fix: {fix}")]
+    return f"GPU: not usable, shards run on CPU: {error}" + (f" ({framework})" if framework else "")
+
+
 def _samples(records_by_shard: dict[str, list[dict[str, Any]]], datasets: dict[str, str], start: float) -> list[Sample]:
     samples = [
         Sample(
@@ -334,6 +362,7 @@ def load_run(folder: Path, *, dag_state: str | None = None) -> RunProgress:
         verification=verification,
         error=error,
         dag_state=dag_state,
+        probe=read_probe(folder),
     )
 
 
@@ -472,6 +501,9 @@ def format_run(run: RunProgress, *, now: float | None = None) -> str:
     lines.append(f"verification: {run.verification}" + (f"; DAG run: {run.dag_state}" if run.dag_state else ""))
     if run.error:
         lines.append(f"error: {run.error}")
+    lines.append(gpu_text(run.probe))
+    if run.probe and run.probe.get("fix"):
+        lines.append(f"GPU fix: {run.probe['fix']}")
     header = f"  {'shard':<16} {'state':<8} {'files':>11} {'skipped':>8} {'bad':>5} {'files/s':>8} {'ETA':>7}  device"
     for dataset in run.datasets:
         lines.append(

@@ -34,6 +34,7 @@ READ_PAGE = """(() => {
                       done: +files.dataset.done, total: +files.dataset.total,
                       eta: document.getElementById('run-eta').innerText, rate: document.getElementById('run-rate').innerText},
           series: document.querySelectorAll('#throughput-chart polyline.series').length,
+          gpu: {usable: document.getElementById('run-gpu').dataset.usable, text: document.getElementById('run-gpu').innerText},
           plots: [...document.querySelectorAll('.plots img')].map(i => ({src: i.getAttribute('src'), width: i.naturalWidth}))};
 })()"""
 
@@ -169,6 +170,9 @@ def test_progress_page_shows_a_run_in_progress(live_airflow: LiveAirflow, chromi
         assert shown["series"] >= 1 and shown["run"]["eta"] != "-"
         assert terminal.returncode == 0, terminal.stderr
         assert "ravdess 1/3" in terminal.stdout and "success" in terminal.stdout
+        # probe_gpu's report reached the page and the terminal: usable or not, never "not probed yet".
+        assert shown["gpu"]["usable"] in ("yes", "no") and shown["gpu"]["text"].startswith("GPU: "), shown["gpu"]
+        assert "GPU: " in terminal.stdout and "GPU: not probed yet" not in terminal.stdout
 
         assert live.api.wait_run(DAG_ID, run_id)["state"] == "success"
         done = open_page(chromium, live, run_id)

@@ -57,9 +57,9 @@ def test_probe_names_the_configured_backend(monkeypatch: pytest.MonkeyPatch) -> 
 
 @pytest.mark.parametrize(("backend", "words"), [("tensorflow", "tensorflow[and-cuda]"), ("jax", "jax[cuda13]")])
 def test_driver_with_cpu_only_build_says_how_to_fix(
-    backend: str, words: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    backend: str, words: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """With a driver present but a CPU-only build of the backend, the report says exactly that and how to fix it."""
+    """With a driver present but a CPU-only build of the backend, the report and the task log say exactly that and how to fix it."""
     stub = build_stub_driver(tmp_path / "driver")
     monkeypatch.delenv(ENV_VAR, raising=False)
     monkeypatch.setenv("LD_LIBRARY_PATH", str(stub))
@@ -71,3 +71,5 @@ def test_driver_with_cpu_only_build_says_how_to_fix(
     assert (report["device_name"], report["device_count"], report["driver_version"]) == ("Stub GPU", 1, "13.0")
     assert f"NVIDIA driver 13.0 and 1 GPU(s) found, but {backend} cannot use them" in report["error"]
     assert "Fix:" in report["error"] and words in report["fix"]
+    logged = [r.getMessage() for r in caplog.records if r.name == "cnn_features.probe" and r.levelname == "WARNING"]
+    assert any("cannot use them" in m and report["fix"] in m for m in logged), logged

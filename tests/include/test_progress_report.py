@@ -284,3 +284,44 @@ def test_a_rerun_that_skips_every_file_shows_skipped_not_a_zero_rate(run: dict[s
     assert "skipped" in text.splitlines()[3]
     row = next(line for line in text.splitlines() if line.startswith("  ravdess 1/2"))
     assert row.split()[4:7] == ["10", "0", "-"]  # skipped, bad, files/s
+
+
+def test_the_gpu_probe_report_is_shown_with_its_fix(run: dict[str, Any]) -> None:
+    """A driver with a CPU-only build: the terminal and the page show the probe's error and its fix, and nothing outside PROBE_FIELDS is kept."""
+    from cnn_features.probe import _GPU_BUILD_FIX
+    from cnn_features.progress import PROBE_NAME, write_probe
+
+    assert load_run(run["folder"]).probe is None
+    assert "GPU: not probed yet" in format_run(load_run(run["folder"]), now=2000.0)
+    fix = _GPU_BUILD_FIX["tensorflow"]
+    error = (
+        "NVIDIA driver 580.159.04 and 1 GPU(s) found, but tensorflow cannot use them: "
+        f"TensorFlow 2.21.0 is a CPU-only build (tensorflow-cpu). Fix: {fix}"
+    )
+    write_probe(run["folder"], {
+        "usable": False, "driver_found": True, "framework": "tensorflow", "framework_version": "2.21.0",
+        "error": error, "fix": fix, "elapsed_s": 3.2, "environ": {"AWS_SECRET_ACCESS_KEY": "s3cr3t"},
+    })
+    assert "s3cr3t" not in (run["folder"] / PROBE_NAME).read_text()
+    progress = load_run(run["folder"])
+    assert progress.probe is not None and progress.probe["fix"] == fix and to_dict(progress)["probe"]["usable"] is False
+    text = format_run(progress, now=2000.0)
+    assert "GPU: not usable, shards run on CPU: NVIDIA driver 580.159.04 and 1 GPU(s) found" in text
+    assert "CPU-only build" in text and f"GPU fix: {fix}" in text and text.count(fix) == 1
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "plugins"))
+    try:
+        import cnn_progress_page
+    finally:
+        sys.path.pop(0)
+    page = cnn_progress_page.render_run(progress, base="/", now=2000.0)
+    assert 'id="run-gpu" data-usable="no"' in page and "CPU-only build (tensorflow-cpu)" in page
+    assert 'id="run-gpu-fix"' in page and "CNN_FEATURES_GPU=1 bash scripts/setup.sh" in page
+    assert page.index('id="run-gpu"') < page.index('class="dataset"')  # above the shards
+
+    write_probe(run["folder"], {"usable": True, "device_name": "NVIDIA H200", "memory_total_mb": 143771,
+                                "framework": "jax", "framework_version": "0.11.2", "error": None})
+    progress = load_run(run["folder"])
+    assert "GPU: usable: NVIDIA H200, 143771 MiB (jax 0.11.2)" in format_run(progress, now=2000.0)
+    page = cnn_progress_page.render_run(progress, base="/", now=2000.0)
+    assert 'data-usable="yes"' in page and "NVIDIA H200" in page and 'id="run-gpu-fix"' not in page
