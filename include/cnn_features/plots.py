@@ -19,8 +19,8 @@ import numpy as np
 from cnn_features.config import Settings
 from cnn_features.errors import StoreError, StoreMissing
 from cnn_features.s3 import S3Access
-from cnn_features.storage import check_feature_bytes, feature_file_size, save_with
-from cnn_features.stores import Store, open_store
+from cnn_features.storage import save_with
+from cnn_features.stores import Store, open_store, read_features
 from cnn_features.verify import MANIFEST_NAME
 
 log = logging.getLogger(__name__)
@@ -84,13 +84,8 @@ def load_features(output: Store | Path, *, limit: int = MAX_POINTS) -> tuple[np.
         items = sorted(items, key=lambda item: zlib.crc32(item["feature"].encode()))[:limit]
     feature_dim = int(manifest.get("feature_dim", 0))
     emotion_of = {item["feature"]: str(item["emotion"]) for item in items}
-    size = feature_file_size(feature_dim)
     vectors, emotions = [], []
-    for rel, data in output.read_many(((item["feature"], size) for item in items), max_bytes=size + 1):
-        vector, problem = (None, str(data)) if isinstance(data, Exception) else check_feature_bytes(data, feature_dim=feature_dim)
-        if vector is None:
-            msg = f"{output.name(rel)}: feature file {problem}"
-            raise ValueError(msg)
+    for rel, vector in read_features(output, emotion_of, feature_dim=feature_dim):
         vectors.append(vector)
         emotions.append(emotion_of[rel])
     if not vectors:

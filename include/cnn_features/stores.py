@@ -18,6 +18,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+import numpy as np
+
 from cnn_features.errors import InvalidInput, InvalidSpectrogram, StoreError, StoreMissing
 from cnn_features.s3 import S3Access, S3Location, S3Store, is_s3, make_client
 from cnn_features.spectrogram import read_input
@@ -260,6 +262,22 @@ def open_store(location: Location | str, settings: Settings | None = None, *, ac
         client = make_client(access if access is not None else S3Access.from_environ(), settings)
         return S3Store(location, client=client, concurrency=settings.s3_concurrency)
     return LocalStore(location)
+
+
+def read_features(store: Store, rels: Iterable[str], *, feature_dim: int) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield (rel, vector) for each feature in order, read through the store and checked.
+
+    Raises:
+        ValueError: a feature is missing, unreadable, of the wrong shape or
+            dtype, or not finite; the message names it.
+    """
+    size = feature_file_size(feature_dim)
+    for rel, data in store.read_many(((rel, size) for rel in rels), max_bytes=MAX_FEATURE_FILE_BYTES):
+        vector, problem = (None, str(data)) if isinstance(data, Exception) else check_feature_bytes(data, feature_dim=feature_dim)
+        if vector is None:
+            msg = f"{store.name(rel)}: feature file {problem}"
+            raise ValueError(msg)
+        yield rel, vector
 
 
 def valid_features(store: Store, rels: Iterable[str], *, feature_dim: int) -> set[str]:

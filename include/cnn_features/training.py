@@ -25,8 +25,8 @@ from cnn_features.errors import CnnFeaturesError, InvalidConf, StoreError, Store
 from cnn_features.plan import allowed_roots, checked_location
 from cnn_features.procs import RESULT_PREFIX, child_env, die_with_parent, emit, parse_line, python_module_cmd
 from cnn_features.s3 import S3Access, S3Location
-from cnn_features.storage import check_feature_bytes, feature_file_size, save_with
-from cnn_features.stores import LocalStore, Store, open_store
+from cnn_features.storage import save_with
+from cnn_features.stores import LocalStore, Store, open_store, read_features
 
 log = logging.getLogger(__name__)
 
@@ -78,15 +78,10 @@ def load_manifest(store: Store, name: str) -> tuple[str, np.ndarray, list[str], 
     if not items:
         msg = f"{store.name(name)}: no features listed"
         raise TrainingFailed(msg)
-    feature_dim = int(manifest["feature_dim"])
-    size = feature_file_size(feature_dim)
-    vectors = []
-    for rel, data in store.read_many(((item["feature"], size) for item in items), max_bytes=size + 1):
-        vector, problem = (None, str(data)) if isinstance(data, Exception) else check_feature_bytes(data, feature_dim=feature_dim)
-        if vector is None:
-            msg = f"{store.name(rel)}: feature file {problem}"
-            raise TrainingFailed(msg)
-        vectors.append(vector)
+    try:
+        vectors = [vector for _, vector in read_features(store, (i["feature"] for i in items), feature_dim=int(manifest["feature_dim"]))]
+    except ValueError as exc:
+        raise TrainingFailed(str(exc)) from None
     return manifest["dataset"], np.stack(vectors), [i["emotion"] for i in items], [i["actor"] for i in items]
 
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.bench import smoke_report
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "bench" / "backends.py"
@@ -24,18 +24,7 @@ pytest.importorskip("jax", reason="the JAX backend (CPU build, requirements.txt)
 def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """One smoke run on the variable-length corpus under TensorFlow, JAX and (where installed) torch."""
     root = tmp_path_factory.mktemp("bench-backends")
-    out = root / "results.json"
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--smoke", "--corpus", "realistic", "--root", str(root), "--json", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(out.read_text())
-    report["stdout"] = proc.stdout
-    return report
+    return smoke_report(SCRIPT, root, "--corpus", "realistic")
 
 
 def test_every_installed_backend_is_measured_and_compared_with_tensorflow(report: dict[str, Any]) -> None:

