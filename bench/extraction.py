@@ -95,7 +95,7 @@ NAIVE_FILES = 100
 MODEL_ROUND_S = 4.0
 # Copies of the corpus in the memory test's larger run.
 RSS_SCALE = 4
-# The issue's targets.
+# The project's targets.
 TARGET_STAGE_VS_LIMIT = 0.85
 TARGET_DAG_VS_LIMIT = 2 / 3
 TARGET_VS_NAIVE = 10.0
@@ -662,7 +662,7 @@ def ratios(figures: dict[str, Any]) -> dict[str, float]:
 
 
 def targets(figures: dict[str, Any], ratio: dict[str, float]) -> dict[str, bool]:
-    """Return whether each of the issue's targets is met."""
+    """Return whether each of the project's targets is met."""
     return {
         "stage >= 85 % of limit": ratio["stage_vs_limit"] >= TARGET_STAGE_VS_LIMIT,
         "DAG >= 2/3 of limit": ratio["dag_vs_limit"] >= TARGET_DAG_VS_LIMIT,

@@ -88,14 +88,14 @@ FORK_CHILD_TIMEOUT_S = 20.0
 FLOAT32_RTOL = 1e-4
 # Cross-backend (JAX vs PyTorch, both on the GPU in float32) agreement expected.
 BACKEND_RTOL = 1e-4
-# GPU stage files/s over bare np.load files/s that the issue asks for.
+# GPU stage files/s over bare np.load files/s: the target.
 TARGET_STAGE_VS_NP_LOAD = 0.8
 # The CPU extraction stage in docs/benchmarks.md (2-core AMD EPYC, TensorFlow),
 # used if that file cannot be read.
 CPU_STAGE_FILES_PER_S = 171.0
 # Threads of the parallel np.load figure: enough to cover file-system latency.
 NP_LOAD_THREADS = 8
-# Default wall-time budget: the lent machine allows ~6 minutes for the whole command.
+# Default wall-time budget: GPU machines are often lent for minutes; ~6 for the whole command.
 DEFAULT_BUDGET_S = 330.0
 # Seconds each step is expected to need at most; a step is skipped when less is left.
 STEP_NEEDS_S = {"fork": 90.0, "varlen": 75.0, "tf32": 30.0, "torch": 45.0}

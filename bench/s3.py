@@ -94,7 +94,7 @@ SWEEP_FILES = 1440
 # of the best setting's: closer than that, two ~10 s runs on this shared
 # machine cannot be told apart.
 COMPUTE_BOUND_SHARE = 0.95
-# The issue's target: the S3 -> S3 stage at >= 85 % of the local one.
+# The target: the S3 -> S3 stage at >= 85 % of the local one.
 TARGET_S3_VS_LOCAL = 0.85
 # Interleaved runs of each full stage (local, S3, S3, local, local, S3): the
 # order cancels a slow drift of the machine's load, the median one outlier.
@@ -534,7 +534,7 @@ def compare(local: dict[str, Any], s3: dict[str, Any], *, cores: int) -> dict[st
 
 
 def targets(stage: dict[str, Any]) -> dict[str, bool]:
-    """Return whether the issue's S3 target is met."""
+    """Return whether the S3 target is met."""
     return {f"S3 stage >= {TARGET_S3_VS_LOCAL:.2f} x local": stage["s3_vs_local"] >= TARGET_S3_VS_LOCAL}
 
 

@@ -17,7 +17,7 @@ from cnn_features.config import SettingsError, load_settings
 from cnn_features.procs import child_env
 from tests.conftest import tiny_spectrogram
 
-# Relative agreement the issue asks of every backend on CPU.
+# Relative agreement every backend must reach on CPU.
 BACKEND_RTOL = 1e-5
 # Backends compared with TensorFlow: JAX is in requirements.txt; torch only where installed.
 BACKENDS = [

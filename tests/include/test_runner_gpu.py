@@ -1,6 +1,6 @@
 """GPU shards pinned one per GPU: slot locks, the environment each worker gets, and the result naming the GPU.
 
-The lent GPU machines have one GPU, so contention is tested here on CPU, with
+The GPU machines this has run on have one GPU, so contention is tested here on CPU, with
 GPU ids that no real deployment uses and the ``fake_gpu`` fault hook.
 """
 
