@@ -23,6 +23,10 @@ class ModelError(CnnFeaturesError):
     """A feature model is missing, unreadable, unsafe or of the wrong shape."""
 
 
+class ModelMismatch(ModelError):
+    """The model a worker loaded is not the one the plan checked."""
+
+
 class ShardFailed(CnnFeaturesError):
     """A shard could not be extracted on any device."""
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
+import json
 import logging
 import sys
 import threading
@@ -53,7 +55,7 @@ prepare_process()
 with _hidden("matplotlib"):
     import keras
 
-from cnn_features.errors import ModelError
+from cnn_features.errors import ModelError, ModelMismatch
 from cnn_features.memory import activation_bytes_per_frame
 from cnn_features.procs import RESULT_PREFIX, die_with_parent, emit
 from cnn_features.storage import file_sha256, save_with
@@ -63,8 +65,9 @@ from cnn_features.storage import file_sha256, save_with
 REFERENCE_N_MELS = 128
 # Filters of the four conv blocks; the last one is the feature dimension.
 REFERENCE_FILTERS = (32, 64, 128, 256)
-# Seed of the reference weights: every process that builds the model from
-# scratch gets the same weights, and the saved file pins them for good.
+# Seed of the reference weights. They are drawn with NumPy's generator, not
+# the backend's, so every process that builds the model from scratch, on any
+# Keras backend and machine, gets the same weights and so the same digest.
 REFERENCE_SEED = 1234
 # Four 2x2 max-pools halve each axis four times, so an input needs at least
 # 2**4 frames (and mel bins) for the last pool to have an output.
@@ -89,7 +92,13 @@ Predictor = Callable[[np.ndarray], np.ndarray]
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """What the pipeline needs to know about a feature model."""
+    """What the pipeline needs to know about a feature model.
+
+    ``digest`` is the model's identity (``model_digest``: its architecture and
+    weights), what lineage, reuse and output folders are keyed on;
+    ``sha256`` is the file's, which also changes when identical weights are
+    saved again (a ``.keras`` file records its save date).
+    """
 
     path: str
     sha256: str
@@ -101,6 +110,41 @@ class ModelInfo:
     # Peak bytes of activations per input frame (``memory.activation_bytes_per_frame``);
     # 0 in the info of an older plan: workers then assume the fallback figure.
     activation_bytes_per_frame: int = 0
+    digest: str = ""
+
+
+def model_digest(model: keras.Model) -> str:
+    """Return the hex SHA-256 of a model's architecture (its config, canonical JSON) and every weight.
+
+    Two saves of the same model hash alike; any change to a layer, a shape
+    or one weight changes it.
+    """
+    digest = hashlib.sha256()
+    digest.update(json.dumps(_without_trainable(model.get_config()), sort_keys=True, default=str).encode("utf-8"))
+    for weight in model.weights:
+        value = np.ascontiguousarray(keras.ops.convert_to_numpy(weight))
+        digest.update(f"\n{weight.path}:{value.dtype.str}:{value.shape}\n".encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()
+
+
+def _without_trainable(config: object) -> object:
+    """Return a config without its ``trainable`` flags: freezing a model for inference does not change it."""
+    if isinstance(config, dict):
+        return {k: _without_trainable(v) for k, v in config.items() if k != "trainable"}
+    if isinstance(config, list):
+        return [_without_trainable(v) for v in config]
+    return config
+
+
+def _reference_kernel(shape: tuple[int, ...], seed: int) -> np.ndarray:
+    """Return He-normal weights for a conv kernel of ``shape``, drawn by NumPy (truncated at two deviations)."""
+    fan_in = int(np.prod(shape[:-1]))
+    std = np.sqrt(2.0 / fan_in) / 0.87962566103423978  # the truncated normal's own deviation, as Keras's HeNormal
+    values = np.random.default_rng(seed).standard_normal(int(np.prod(shape)))
+    while (outside := np.abs(values) > 2.0).any():
+        values[outside] = np.random.default_rng([seed, int(outside.sum())]).standard_normal(int(outside.sum()))
+    return (values * std).reshape(shape).astype(np.float32)
 
 
 def build_reference_model(*, n_mels: int = REFERENCE_N_MELS, seed: int = REFERENCE_SEED) -> keras.Model:
@@ -113,14 +157,18 @@ def build_reference_model(*, n_mels: int = REFERENCE_N_MELS, seed: int = REFEREN
             3,
             padding="same",
             use_bias=False,
-            kernel_initializer=keras.initializers.HeNormal(seed=seed + block),
+            kernel_initializer="zeros",  # replaced below by NumPy-drawn weights
             name=f"conv{block}",
         )(x)
         x = keras.layers.BatchNormalization(name=f"bn{block}")(x)
         x = keras.layers.ReLU(name=f"relu{block}")(x)
         x = keras.layers.MaxPooling2D(2, name=f"pool{block}")(x)
     outputs = keras.layers.GlobalAveragePooling2D(name="features")(x)
-    return keras.Model(inputs, outputs, name="reference_cnn_v1")
+    model = keras.Model(inputs, outputs, name="reference_cnn_v2")
+    for block in range(1, len(REFERENCE_FILTERS) + 1):
+        conv = model.get_layer(f"conv{block}")
+        conv.kernel.assign(_reference_kernel(tuple(conv.kernel.shape), seed + block))
+    return model
 
 
 def ensure_reference_model(path: Path) -> Path:
@@ -159,6 +207,23 @@ def load_feature_model(path: Path) -> tuple[keras.Model, ModelInfo]:
     return model, _describe(model, path)
 
 
+def check_digest(info: dict[str, object], model: keras.Model) -> None:
+    """Refuse a loaded model that is not the one the plan checked (``info``).
+
+    Raises:
+        ModelMismatch: its architecture or weights differ from the plan's, so
+            its features would be in another space than the folder's.
+    """
+    got = model_digest(model)
+    if got != info.get("digest"):
+        msg = (
+            f"model {info.get('path')}: its digest (architecture and weights) is {got}, but the plan checked "
+            f"{info.get('digest')}; the file was replaced after planning and its features would mix with another "
+            "model's: re-run the whole DAG to plan with this model"
+        )
+        raise ModelMismatch(msg)
+
+
 def _describe(model: keras.Model, path: Path) -> ModelInfo:
     shape = model.input_shape
     if isinstance(shape, list):
@@ -193,7 +258,9 @@ def _describe(model: keras.Model, path: Path) -> ModelInfo:
     )
     min_frames = frames if frames is not None else _smallest_frames(model, info)
     per_frame = activation_bytes_per_frame(model, n_mels=info.n_mels, frames=info.frames, channel_axis=channel_axis)
-    return ModelInfo(**{**asdict(info), "min_frames": int(min_frames), "activation_bytes_per_frame": per_frame})
+    return ModelInfo(
+        **{**asdict(info), "min_frames": int(min_frames), "activation_bytes_per_frame": per_frame, "digest": model_digest(model)}
+    )
 
 
 def _smallest_frames(model: keras.Model, info: ModelInfo) -> int:

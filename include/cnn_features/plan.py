@@ -41,7 +41,7 @@ MAX_IGNORED_LISTED = 1000
 INPUT_SUFFIX = ".npy"
 # Fields of a model's info (``model.ModelInfo``), as the check process prints them.
 _MODEL_INFO_KEYS = frozenset(
-    {"path", "sha256", "n_mels", "frames", "channel_axis", "feature_dim", "min_frames", "activation_bytes_per_frame"}
+    {"path", "sha256", "n_mels", "frames", "channel_axis", "feature_dim", "min_frames", "activation_bytes_per_frame", "digest"}
 )
 
 
@@ -319,7 +319,12 @@ def claim_output(
             resuming would mix two feature spaces, or it cannot be written.
     """
     store = open_store(dataset.output, settings, access=access)
-    meta = {"model_sha256": model["sha256"], "feature_dim": model["feature_dim"], "model_path": model["path"]}
+    meta = {
+        "model_digest": model["digest"],
+        "model_sha256": model["sha256"],
+        "feature_dim": model["feature_dim"],
+        "model_path": model["path"],
+    }
     where = store.name(FEATURES_META)
     # Create if absent, then read back: of two first runs only one creates the
     # record, and each then sees whose it is (no check-then-write race).
@@ -334,12 +339,16 @@ def claim_output(
     except (StoreError, ValueError) as exc:
         msg = f"{where}: unreadable ({exc}); remove it if the folder's features may be discarded"
         raise OutputConflict(msg) from None
-    if not isinstance(existing, dict) or existing.get("model_sha256") != model["sha256"]:
-        existing = existing if isinstance(existing, dict) else {}
+    existing = existing if isinstance(existing, dict) else {}
+    # The model is known by its digest (architecture and weights); a folder
+    # claimed before digests were recorded is known by its file's SHA-256.
+    if "model_digest" not in existing and existing.get("model_sha256") == model["sha256"]:
+        store.write(FEATURES_META, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+    elif existing.get("model_digest") != model["digest"]:
         msg = (
             f"datasets.{dataset.name}.output: {store.uri} holds features of model "
-            f"{existing.get('model_path')} (sha256 {str(existing.get('model_sha256'))[:12]}), "
-            f"not of {model['path']} (sha256 {model['sha256'][:12]}); use another output folder"
+            f"{existing.get('model_path')} (digest {str(existing.get('model_digest', existing.get('model_sha256')))[:12]}), "
+            f"not of {model['path']} (digest {model['digest'][:12]}); use another output folder"
         )
         raise OutputConflict(msg)
 

@@ -19,6 +19,7 @@ from cnn_features.model import (  # noqa: E402
     build_reference_model,
     ensure_reference_model,
     load_feature_model,
+    model_digest,
     predict,
 )
 from cnn_features.procs import child_env  # noqa: E402
@@ -46,6 +47,37 @@ def test_reference_weights_are_seeded() -> None:
     a, b = build_reference_model(), build_reference_model()
     for wa, wb in zip(a.get_weights(), b.get_weights(), strict=True):
         np.testing.assert_array_equal(wa, wb)
+
+
+def test_the_reference_model_is_the_same_wherever_it_is_built(tmp_path: Path) -> None:
+    """Its digest (architecture and weights) is the same built here, saved twice, loaded, and built under JAX;
+    the two files' SHA-256s differ (a .keras file records its save date), the digests do not."""
+    import time
+
+    from cnn_features.storage import file_sha256
+
+    built = model_digest(build_reference_model())
+    first = ensure_reference_model(tmp_path / "a.keras")
+    time.sleep(1.1)
+    second = ensure_reference_model(tmp_path / "b.keras")
+    assert file_sha256(first) != file_sha256(second)
+    assert load_feature_model(first)[1].digest == load_feature_model(second)[1].digest == built
+    pytest.importorskip("jax", reason="the JAX backend (CPU build, requirements.txt) is not installed")
+    code = "from cnn_features.model import build_reference_model, model_digest; print(model_digest(build_reference_model()))"
+    env = {**child_env("cpu"), "CNN_FEATURES_KERAS_BACKEND": "jax"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, timeout=300)
+    assert proc.stdout.split()[-1] == built
+
+
+def test_a_changed_weight_changes_the_digest() -> None:
+    """One weight nudged, or the model frozen for inference: the first changes the digest, the second does not."""
+    model = build_reference_model()
+    before = model_digest(model)
+    model.trainable = False
+    assert model_digest(model) == before
+    kernel = model.get_layer("conv2").kernel
+    kernel.assign(keras.ops.convert_to_numpy(kernel) + np.float32(1e-7))
+    assert model_digest(model) != before
 
 
 def test_saved_model_reproduces_built_model(tmp_path: Path) -> None:

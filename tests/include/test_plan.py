@@ -111,10 +111,27 @@ def test_missing_and_corrupt_models_fail_before_shard_work(home: Path, tmp_path:
 def test_output_of_another_model_is_refused(tmp_path: Path) -> None:
     """Resuming into a folder made by a different model would mix feature spaces: refused."""
     io = DatasetIO("ravdess", tmp_path / "in", tmp_path / "out")
-    claim_output(io, {"sha256": "a" * 64, "feature_dim": 256, "path": "/m/a.keras"})
-    claim_output(io, {"sha256": "a" * 64, "feature_dim": 256, "path": "/m/a.keras"})
+    claim_output(io, {"sha256": "a" * 64, "digest": "d" * 64, "feature_dim": 256, "path": "/m/a.keras"})
+    claim_output(io, {"sha256": "a" * 64, "digest": "d" * 64, "feature_dim": 256, "path": "/m/a.keras"})
     with pytest.raises(OutputConflict, match="holds features of model /m/a.keras"):
-        claim_output(io, {"sha256": "b" * 64, "feature_dim": 256, "path": "/m/b.keras"})
+        claim_output(io, {"sha256": "b" * 64, "digest": "e" * 64, "feature_dim": 256, "path": "/m/b.keras"})
+
+
+def test_the_same_weights_saved_again_are_the_same_model(tmp_path: Path) -> None:
+    """A model rebuilt or saved again (new file SHA-256, same architecture and weights) may resume the folder.
+
+    A folder claimed before digests were recorded is known by its file's SHA-256 and upgraded.
+    """
+    io = DatasetIO("ravdess", tmp_path / "in", tmp_path / "out")
+    claim_output(io, {"sha256": "a" * 64, "digest": "d" * 64, "feature_dim": 256, "path": "/m/a.keras"})
+    claim_output(io, {"sha256": "f" * 64, "digest": "d" * 64, "feature_dim": 256, "path": "/m/rebuilt.keras"})
+    old = DatasetIO("ravdess", tmp_path / "in", tmp_path / "old")
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "_features.json").write_text(json.dumps({"model_sha256": "a" * 64, "feature_dim": 256, "model_path": "/m/a.keras"}))
+    claim_output(old, {"sha256": "a" * 64, "digest": "d" * 64, "feature_dim": 256, "path": "/m/a.keras"})
+    assert json.loads((tmp_path / "old" / "_features.json").read_text())["model_digest"] == "d" * 64
+    with pytest.raises(OutputConflict, match="holds features of model /m/a.keras"):
+        claim_output(old, {"sha256": "a" * 64, "digest": "e" * 64, "feature_dim": 256, "path": "/m/a.keras"})
 
 
 def test_a_checked_model_is_not_loaded_again(home: Path, reference_model: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -195,7 +212,7 @@ def test_two_first_runs_claiming_one_output_cannot_both_win(tmp_path: Path) -> N
         won: list[int] = []
 
         def claim(i: int, out: Path, barrier: threading.Barrier, won: list[int]) -> None:
-            model = {"sha256": f"{i:064x}", "feature_dim": 256, "path": f"/m{i}.keras"}
+            model = {"sha256": f"{i:064x}", "digest": f"{i:064x}", "feature_dim": 256, "path": f"/m{i}.keras"}
             barrier.wait()
             try:
                 claim_output(DatasetIO("ravdess", tmp_path / "in", out), model)
