@@ -12,7 +12,8 @@ into one 256-d CNN feature vector per clip, then triggers `emotion_training`.
    each shard in fresh worker processes: on the GPU when the probe found one
    (or `device=gpu`), re-run on CPU with CUDA hidden if the GPU worker fails.
    Existing valid features are skipped, every file is written atomically.
-4. **verify_features** checks every feature and writes
+4. **verify_features** checks every feature and its lineage (this model made
+   it from its input's current bytes) and writes
    `verification_report.json` and `manifest.json` into each output folder, and
    two plots (PCA of the features by emotion, throughput per shard) that the
    *CNN feature progress* page links.
@@ -163,7 +164,7 @@ def cnn_feature_extraction() -> None:
         context = get_current_context()
         params = dict(context["params"])
         return run_shard(
-            shard,
+            {**shard, "run_id": context["run_id"]},  # named in each feature's lineage
             requested_device=params["device"],
             probe=probe,
             progress_dir=run_folder(SETTINGS.progress_root, context["run_id"]),
@@ -189,7 +190,13 @@ def cnn_feature_extraction() -> None:
         records = run_folder(SETTINGS.progress_root, context["run_id"])
         try:
             summary = verify_run(
-                shards, results, max_bad_fraction=fraction, settings=SETTINGS, access=access, record_dir=records
+                shards,
+                results,
+                max_bad_fraction=fraction,
+                settings=SETTINGS,
+                access=access,
+                record_dir=records,
+                run_id=context["run_id"],
             )
             summary["training_conf"]["aws_conn_id"] = params["aws_conn_id"]
             return summary

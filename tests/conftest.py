@@ -186,3 +186,38 @@ def read_only(folder: Path) -> Iterator[None]:
         yield
     finally:
         subprocess.run(["chattr", "-i", str(folder)], check=True)
+
+
+def record_lineage(shards: list[dict[str, Any]], *, device: str = "cpu") -> None:
+    """Write each shard's lineage record for the features already in its (local) output, as a worker would.
+
+    For tests that write features by hand: verification checks every
+    feature against its record.
+    """
+    from cnn_features import lineage
+    from cnn_features.stores import LocalStore
+
+    for shard in shards:
+        source, output = LocalStore(Path(shard["input"])), LocalStore(Path(shard["output"]))
+        context = {
+            "model_digest": shard["model"]["digest"],
+            "model_sha256": shard["model"]["sha256"],
+            "keras_backend": "test",
+            "keras_version": "test",
+            "device": device,
+            "precision": "float32",
+            "shard_id": shard["shard_id"],
+            "run_id": "test",
+        }
+        entries = [
+            {
+                **context,
+                "feature": rel,
+                "input_sha256": lineage.sha256_hex((source.root / rel).read_bytes()),
+                "input_stat": lineage.input_stat(source, rel),
+                "feature_sha256": lineage.sha256_hex((output.root / rel).read_bytes()),
+            }
+            for rel in shard["files"]
+            if (output.root / rel).is_file()
+        ]
+        output.write(lineage.record_name(shard["shard_id"]), lineage.encode_record(entries))

@@ -19,6 +19,10 @@ production.
 ``as_headroom=BYTES``     once its model is loaded, any worker runs under an
                           RLIMIT_AS (address space, as ``ulimit -v``) of its
                           size then plus BYTES: a machine short of memory
+``no_lineage``            any worker runs as before lineage: a valid feature is
+                          reused by its name alone, no input or feature is
+                          hashed and no record written (``bench/lineage.py``'s
+                          baseline; verification then refuses the features)
 ``probe_hang``            the GPU probe child never returns
 ``probe_crash``           the GPU probe child aborts (SIGABRT)
 ========================  =====================================================

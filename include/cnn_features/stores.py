@@ -13,8 +13,9 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import functools
+import hashlib
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -264,12 +265,17 @@ def open_store(location: Location | str, settings: Settings | None = None, *, ac
     return LocalStore(location)
 
 
-def read_features(store: Store, rels: Iterable[str], *, feature_dim: int) -> Iterator[tuple[str, np.ndarray]]:
+def read_features(
+    store: Store, rels: Iterable[str], *, feature_dim: int, sha256: Mapping[str, str] | None = None
+) -> Iterator[tuple[str, np.ndarray]]:
     """Yield (rel, vector) for each feature in order, read through the store and checked.
+
+    With ``sha256`` (name -> hex digest, as a manifest lists them) each
+    file's bytes must also have that SHA-256.
 
     Raises:
         ValueError: a feature is missing, unreadable, of the wrong shape or
-            dtype, or not finite; the message names it.
+            dtype, not finite, or not the file ``sha256`` names; the message names it.
     """
     size = feature_file_size(feature_dim)
     for rel, data in store.read_many(((rel, size) for rel in rels), max_bytes=MAX_FEATURE_FILE_BYTES):
@@ -277,20 +283,29 @@ def read_features(store: Store, rels: Iterable[str], *, feature_dim: int) -> Ite
         if vector is None:
             msg = f"{store.name(rel)}: feature file {problem}"
             raise ValueError(msg)
+        if sha256 is not None and (got := hashlib.sha256(data).hexdigest()) != sha256.get(rel):
+            msg = (
+                f"{store.name(rel)}: SHA-256 {got} is not the {sha256.get(rel)} its manifest lists; "
+                "the feature changed after verification"
+            )
+            raise ValueError(msg)
         yield rel, vector
 
 
-def valid_features(store: Store, rels: Iterable[str], *, feature_dim: int) -> set[str]:
+def valid_features(
+    store: Store, rels: Iterable[str], *, feature_dim: int, listing: Iterable[tuple[str, int]] | None = None
+) -> set[str]:
     """Return which of ``rels`` already hold a valid feature vector in ``store``.
 
-    On S3 one listing decides, without a request per file: a PUT is whole, so
-    an object of exactly a feature file's size is one. Locally each file is
-    read and checked (``storage.check_feature_bytes``).
+    On S3 one listing decides (``listing`` when the caller has it), without a
+    request per file: a PUT is whole, so an object of exactly a feature
+    file's size is one. Locally each file is read and checked
+    (``storage.check_feature_bytes``).
     """
     wanted = set(rels)
     if isinstance(store, S3Store):
         size = feature_file_size(feature_dim)
-        return {rel for rel, got in store.list() if rel in wanted and got == size}
+        return {rel for rel, got in (store.list() if listing is None else listing) if rel in wanted and got == size}
     done: set[str] = set()
     size = feature_file_size(feature_dim)
     for rel in wanted:

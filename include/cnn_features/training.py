@@ -9,11 +9,13 @@ and a metrics JSON beside the features.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -65,12 +67,30 @@ def manifest_store(manifest: str, settings: Settings, *, access: S3Access | None
     return LocalStore(path.parent), path.name
 
 
-def load_manifest(store: Store, name: str) -> tuple[str, np.ndarray, list[str], list[str]]:
-    """Return dataset name, features (N x D), emotions and actors from a manifest in ``store``.
+@dataclass(frozen=True)
+class Loaded:
+    """A verified manifest's features, and what names them: the manifest's own SHA-256 and the model's."""
 
-    Every feature is read without pickle and checked (shape, dtype, finite).
+    dataset: str
+    x: np.ndarray
+    emotions: list[str]
+    actors: list[str]
+    manifest_sha256: str
+    model: dict[str, Any]
+
+
+def load_manifest(store: Store, name: str) -> Loaded:
+    """Return a manifest's features (N x D), emotions and actors, every file checked against it.
+
+    Every feature is read without pickle and checked (shape, dtype, finite),
+    and its bytes must have the SHA-256 the manifest lists.
+
+    Raises:
+        TrainingFailed: the manifest is not a passed one, or a feature is not
+            the one verified (the message names it).
     """
-    manifest = json.loads(store.read(name))
+    raw = store.read(name)
+    manifest = json.loads(raw)
     if (problem := manifest_problem(manifest)) is not None:
         msg = f"{store.name(name)}: {problem}"
         raise TrainingFailed(msg)
@@ -78,11 +98,23 @@ def load_manifest(store: Store, name: str) -> tuple[str, np.ndarray, list[str], 
     if not items:
         msg = f"{store.name(name)}: no features listed"
         raise TrainingFailed(msg)
+    digests = {i["feature"]: i["sha256"] for i in items}
     try:
-        vectors = [vector for _, vector in read_features(store, (i["feature"] for i in items), feature_dim=int(manifest["feature_dim"]))]
+        vectors = [
+            vector
+            for _, vector in read_features(store, digests, feature_dim=int(manifest["feature_dim"]), sha256=digests)
+        ]
     except ValueError as exc:
-        raise TrainingFailed(str(exc)) from None
-    return manifest["dataset"], np.stack(vectors), [i["emotion"] for i in items], [i["actor"] for i in items]
+        msg = f"{exc}: refusing to train on {store.name(name)}"
+        raise TrainingFailed(msg) from None
+    return Loaded(
+        dataset=manifest["dataset"],
+        x=np.stack(vectors),
+        emotions=[i["emotion"] for i in items],
+        actors=[i["actor"] for i in items],
+        manifest_sha256=hashlib.sha256(raw).hexdigest(),
+        model={k: manifest.get(k) for k in ("model_digest", "model_sha256", "model_path", "verified_by_run")},
+    )
 
 
 def manifest_problem(manifest: Any) -> str | None:
@@ -91,6 +123,8 @@ def manifest_problem(manifest: Any) -> str | None:
         return "not a feature manifest (no 'items' list)"
     if manifest.get("passed") is not True:
         return "not marked as passed by verify_features; run cnn_feature_extraction until verification passes"
+    if not all(isinstance(i, dict) and isinstance(i.get("sha256"), str) for i in manifest["items"]):
+        return "lists features without their SHA-256 (written before checksums); run cnn_feature_extraction to verify them again"
     return None
 
 
@@ -106,7 +140,8 @@ def train(manifest: str, *, epochs: int = DEFAULT_EPOCHS) -> dict[str, Any]:
     import keras
 
     store, manifest_name = manifest_store(manifest, load_settings())
-    name, x, emotions, actors = load_manifest(store, manifest_name)
+    loaded = load_manifest(store, manifest_name)
+    name, x, emotions, actors = loaded.dataset, loaded.x, loaded.emotions, loaded.actors
     classes = [e for e in get_dataset(name).emotions if e in set(emotions)]
     y = np.array([classes.index(e) for e in emotions])
     train_actors, test_actors = split_actors(actors)
@@ -149,6 +184,9 @@ def train(manifest: str, *, epochs: int = DEFAULT_EPOCHS) -> dict[str, Any]:
         "epochs": epochs,
         "features": store.uri,
         "model": store.name(f"{TRAINING_DIR}/{MODEL_NAME}"),
+        "manifest": store.name(manifest_name),
+        "manifest_sha256": loaded.manifest_sha256,
+        "feature_model": loaded.model,
     }
     _save_model(store, model)
     store.write(f"{TRAINING_DIR}/{METRICS_NAME}", (json.dumps(metrics, indent=2, sort_keys=True) + "\n").encode())

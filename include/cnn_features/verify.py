@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
+from cnn_features import lineage
 from cnn_features.config import Settings
 from cnn_features.crosscheck import check_dataset, describe
 from cnn_features.datasets import get_dataset, label_all
-from cnn_features.errors import InvalidSpectrogram, VerificationFailed
+from cnn_features.errors import InvalidSpectrogram, StoreError, VerificationFailed
 from cnn_features.s3 import S3Access
 from cnn_features.storage import MAX_FEATURE_FILE_BYTES, check_feature_bytes
 from cnn_features.stores import LocalStore, Store, open_store
@@ -19,6 +21,9 @@ log = logging.getLogger(__name__)
 
 REPORT_NAME = "verification_report.json"
 MANIFEST_NAME = "manifest.json"
+# Where verification moves feature files that have no input in the plan
+# (added by hand, or their input removed): kept, but out of the feature space.
+ORPHANS_DIR = "_orphans"
 # Problems listed in the task's error message; the report holds all of them.
 _MAX_LISTED = 50
 
@@ -37,10 +42,13 @@ def _scan_outputs(store: Store) -> tuple[dict[str, int], list[str]]:
     return features, temps
 
 
-def _check_features(store: Store, found: dict[str, int], rels: list[str], feature_dim: int) -> dict[str, str | None]:
+def _check_features(
+    store: Store, found: dict[str, int], rels: list[str], feature_dim: int, digests: dict[str, str]
+) -> dict[str, str | None]:
     """Return, for each of ``rels`` that exists, why its feature is invalid (None when valid).
 
-    Reads go through the store in order (concurrent GETs on S3).
+    Reads go through the store in order (concurrent GETs on S3); each valid
+    feature's SHA-256 goes into ``digests``.
     """
     limit = MAX_FEATURE_FILE_BYTES
     checked: dict[str, str | None] = {}
@@ -49,7 +57,60 @@ def _check_features(store: Store, found: dict[str, int], rels: list[str], featur
             checked[rel] = f"unreadable ({data})"
         else:
             checked[rel] = check_feature_bytes(data, feature_dim=feature_dim)[1]
+            if checked[rel] is None:
+                digests[rel] = lineage.sha256_hex(data)
     return checked
+
+
+def _check_lineage(
+    source: Store, output: Store, digests: dict[str, str], *, model_digest: str
+) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """Return each valid feature's lineage entry, and why the others' lineage does not hold.
+
+    A feature holds when a record line names its SHA-256 with the plan's
+    model, and its input still has the digest that line records.
+    """
+    entries = lineage.load_entries(output)
+    wrong: dict[str, str] = {}
+    matches: dict[str, dict[str, Any]] = {}
+    for rel, digest in digests.items():
+        found = entries.get(rel, [])
+        match = lineage.matching_entry(found, feature_sha256=digest, model_digest=model_digest)
+        if match is not None:
+            matches[rel] = match
+        elif not found:
+            wrong[rel] = "has no lineage record (written by hand, or by a worker that did not record it)"
+        elif all(e.get("model_digest") != model_digest for e in found):
+            wrong[rel] = f"was made by another model (digest {found[-1].get('model_digest')}, not {model_digest})"
+        else:
+            wrong[rel] = (
+                f"SHA-256 {digest} is not what this model made from its input "
+                "(the file changed after it was written, or was swapped with another)"
+            )
+    kept, _ = lineage.unchanged_inputs(source, matches)
+    for rel in sorted(set(matches) - set(kept)):
+        wrong[rel] = f"its input changed since the feature was made (the input's SHA-256 was {matches[rel].get('input_sha256')})"
+    return kept, wrong
+
+
+def _move_orphans(store: Store, orphans: list[str]) -> list[str]:
+    """Move feature files with no input under ``ORPHANS_DIR``; return where each went."""
+    moved: list[str] = []
+    for rel in orphans:
+        target = f"{ORPHANS_DIR}/{rel}"
+        try:
+            if isinstance(store, LocalStore):
+                (store.root / target).parent.mkdir(parents=True, exist_ok=True)
+                os.replace(store.root / rel, store.root / target)
+            else:
+                store.write(target, store.read(rel, max_bytes=MAX_FEATURE_FILE_BYTES))
+                store.delete(rel)
+        except (OSError, StoreError) as exc:
+            log.warning("cannot move %s aside: %s", store.name(rel), exc)
+            moved.append(f"{rel}: could not be moved aside ({exc}); remove it")
+            continue
+        moved.append(f"{rel}: moved to {store.name(target)}")
+    return moved
 
 
 def _write_json(store: Store, rel: str, payload: Any) -> None:
@@ -65,9 +126,17 @@ def verify_dataset(
     max_bad_fraction: float,
     settings: Settings | None = None,
     access: S3Access | None = None,
+    run_id: str | None = None,
 ) -> dict[str, Any]:
-    """Check one dataset's outputs; write its report and manifest; return the report."""
+    """Check one dataset's outputs and their lineage; write its report and manifest; return the report.
+
+    Every feature must be valid, and its lineage must say this model made
+    it from its input's current bytes. Feature files with no input in the
+    plan are moved aside (``ORPHANS_DIR``) and named.
+    """
     output = open_store(shards[0]["output"], settings, access=access)
+    source = open_store(shards[0]["input"], settings, access=access)
+    model = shards[0]["model"]
     files = [rel for shard in shards for rel in shard["files"]]
     bad: dict[str, str] = {}
     for shard in shards:
@@ -76,11 +145,14 @@ def verify_dataset(
             bad[item["file"]] = item["reason"]
     labels, _ = label_all(get_dataset(name), files)
     found, temps = _scan_outputs(output)
-    checked = _check_features(output, found, [rel for rel in files if rel not in bad], feature_dim)
+    digests: dict[str, str] = {}
+    checked = _check_features(output, found, [rel for rel in files if rel not in bad], feature_dim, digests)
+    entries, wrong = _check_lineage(source, output, digests, model_digest=str(model["digest"]))
+    checked.update(wrong)
 
     missing: list[str] = []
     invalid: list[dict[str, str]] = []
-    manifest: list[dict[str, str]] = []
+    manifest: list[dict[str, Any]] = []
     for rel in files:
         if rel in bad:
             continue
@@ -91,15 +163,29 @@ def verify_dataset(
             invalid.append({"file": rel, "reason": f"{rel}: feature file {reason}"})
         else:
             label = labels[rel]
+            entry = entries[rel]
             manifest.append(
-                {"feature": rel, "clip_id": label.clip_id, "emotion": label.emotion, "actor": label.actor}
+                {
+                    "feature": rel,
+                    "clip_id": label.clip_id,
+                    "emotion": label.emotion,
+                    "actor": label.actor,
+                    "sha256": digests[rel],
+                    "input_sha256": entry["input_sha256"],
+                    "device": entry.get("device"),
+                    "keras_backend": entry.get("keras_backend"),
+                    "shard_id": entry.get("shard_id"),
+                    "run_id": entry.get("run_id"),
+                }
             )
     orphans = sorted(set(found) - set(files))
+    moved = _move_orphans(output, orphans)
     ignored = sorted(rel for shard in shards for rel in shard.get("ignored", []))
     ignored_count = sum(int(shard.get("ignored_count", 0)) for shard in shards)
     bad_fraction = len(bad) / len(files) if files else 0.0
     problems = [f"{name}: {rel}: no feature file" for rel in missing]
     problems += [f"{name}: {item['reason']}" for item in invalid]
+    problems += [f"{name}: feature file with no input in the plan (added by hand, or its input removed): {m}" for m in moved]
     if bad_fraction > max_bad_fraction:
         problems.append(
             f"{name}: {len(bad)} of {len(files)} inputs are bad ({bad_fraction:.1%}), "
@@ -125,6 +211,7 @@ def verify_dataset(
         "missing_features": missing,
         "invalid_features": invalid,
         "orphan_features": orphans,
+        "orphans_moved": moved,
         "stale_temp_files": temps,
         "feature_dim": feature_dim,
         "devices": sorted({r.get("device", "?") for r in results.values()}),
@@ -139,7 +226,16 @@ def verify_dataset(
     # Training takes only a passing dataset's manifest (it checks ``passed``):
     # a failing dataset has none, and an older one is removed.
     if report["passed"]:
-        manifest_doc = {"dataset": name, "feature_dim": feature_dim, "passed": True, "items": manifest}
+        manifest_doc = {
+            "dataset": name,
+            "feature_dim": feature_dim,
+            "passed": True,
+            "model_digest": model["digest"],
+            "model_sha256": model["sha256"],
+            "model_path": model["path"],
+            "verified_by_run": run_id,
+            "items": manifest,
+        }
         _write_json(output, MANIFEST_NAME, manifest_doc)
     else:
         output.delete(MANIFEST_NAME)
@@ -157,6 +253,7 @@ def verify_run(
     settings: Settings | None = None,
     access: S3Access | None = None,
     record_dir: Path | None = None,
+    run_id: str | None = None,
 ) -> dict[str, Any]:
     """Verify every dataset of a run; raise listing all problems if any.
 
@@ -186,6 +283,7 @@ def verify_run(
             max_bad_fraction=max_bad_fraction,
             settings=settings,
             access=access,
+            run_id=run_id,
         )
         summary["datasets"][name] = {
             "passed": report["passed"],

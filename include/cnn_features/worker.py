@@ -36,14 +36,14 @@ from typing import IO, Any
 
 import numpy as np
 
-from cnn_features import faults
+from cnn_features import faults, lineage
 from cnn_features.config import load_settings
 from cnn_features.errors import CnnFeaturesError, InvalidSpectrogram, ModelError, StoreError
 from cnn_features.memory import FALLBACK_BYTES_PER_FRAME_PER_MEL, pass_budget
 from cnn_features.procs import PROGRESS_PREFIX, RESULT_PREFIX, die_with_parent, emit
 from cnn_features.spectrogram import MAX_INPUT_BYTES, parse_spectrogram
 from cnn_features.storage import npy_bytes
-from cnn_features.stores import Store, open_store, valid_features
+from cnn_features.stores import LocalStore, Store, open_store, valid_features
 
 log = logging.getLogger("cnn_features.worker")
 
@@ -101,6 +101,16 @@ class Tally:
     extracted: int = 0
     bad: list[dict[str, str]] = field(default_factory=list)
     last_report: float = 0.0
+    # Lineage entry of every feature this shard reused or stored, for its whole record.
+    lineage: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Each pending local input's (size, mtime_ns, ctime_ns, inode), taken before it is read.
+    input_stats: dict[str, list[int] | None] = field(default_factory=dict)
+    # Each read input's SHA-256, hashed while its bytes are in memory.
+    digests: dict[str, str] = field(default_factory=dict)
+    # Inputs read again to check their digest before reusing a feature (their stat changed, or on S3).
+    inputs_hashed: int = 0
+    # The output's listing when the shard started (S3: the whole prefix; locally, its records only).
+    listing: list[tuple[str, int]] = field(default_factory=list)
 
     @property
     def done(self) -> int:
@@ -154,27 +164,56 @@ def init_gpu() -> str:
 _RUN_INFO: dict[str, Any] = {}
 
 
-def _pending(spec: dict[str, Any], info: dict[str, Any], output: Store, tally: Tally) -> list[tuple[int, str]]:
+def _pending(
+    spec: dict[str, Any], info: dict[str, Any], stores: tuple[Store, Store], tally: Tally
+) -> list[tuple[int, str]]:
     """Return (size, relpath) of files still to extract, smallest first; tally the rest.
 
+    A file is skipped only when its feature is valid and its lineage says
+    it was made from this input's bytes by this model (``lineage.reusable``).
     Ordering by size (from the plan's listing) puts equal shapes side by
     side without reading a header, so passes fill up; the passes themselves
     still group equal shapes only.
     """
+    source, output = stores
     rejected: dict[str, str] = spec.get("rejected", {})
     sizes = spec.get("sizes") or [0] * len(spec["files"])
     candidates = [rel for rel in spec["files"] if rel not in rejected]
-    done = valid_features(output, candidates, feature_dim=info["feature_dim"])
+    if "no_lineage" in faults.active():  # the benchmark's baseline: reuse by name, as before lineage
+        done = valid_features(output, candidates, feature_dim=info["feature_dim"])
+        tally.lineage = {rel: {} for rel in done}
+        candidates = []
+    tally.listing = _records_listing(output)
+    if not isinstance(output, LocalStore):  # one listing says which objects have a feature's size
+        candidates = sorted(valid_features(output, candidates, feature_dim=info["feature_dim"], listing=tally.listing))
+    digests = lineage.feature_digests(output, candidates, feature_dim=info["feature_dim"])
+    entries = lineage.load_entries(output, listing=tally.listing, shard_id=spec["shard_id"]) if digests else {}
+    if any(rel not in entries for rel in digests):  # made under another shard size: look in every record
+        entries = lineage.load_entries(output, listing=tally.listing)
+    if digests:
+        tally.lineage, tally.inputs_hashed = lineage.reusable(source, digests, entries, model_digest=info["digest"])
     todo: list[tuple[int, str]] = []
     for rel, size in zip(spec["files"], sizes, strict=True):
         if rel in rejected:
             tally.bad.append({"file": rel, "reason": rejected[rel]})
-        elif rel in done:
+        elif rel in tally.lineage:
             tally.skipped += 1
         else:
+            tally.input_stats[rel] = lineage.input_stat(source, rel)
             todo.append((int(size), rel))
     todo.sort()
     return todo
+
+
+def _records_listing(output: Store) -> list[tuple[str, int]]:
+    """Return the output's listing the worker needs: on S3 the whole prefix, locally only the records folder."""
+    if not isinstance(output, LocalStore):
+        return output.list()
+    try:
+        with os.scandir(output.root / lineage.LINEAGE_DIR) as found:
+            return sorted((f"{lineage.LINEAGE_DIR}/{e.name}", 0) for e in found if e.is_file(follow_symlinks=False))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
 
 
 def pass_size(
@@ -345,10 +384,13 @@ def _passes(
     size: Callable[[int], int],
     read_threads: int = 1,
     too_long: Callable[[str, int], str] | None = None,
+    digests: dict[str, str] | None = None,
 ) -> Iterator[Pass | tuple[str, InvalidSpectrogram]]:
     """Read ``todo`` in order; yield passes of equal shapes, and (relpath, reason) for files that fail.
 
     A clip for which ``size`` is 0 (it fits no pass) fails with ``too_long``'s reason.
+    Each input's SHA-256 goes into ``digests``, hashed while its bytes are in
+    memory (hashlib lets the inference threads run meanwhile).
     """
     per_frame = _bytes_per_frame(info)
     rels: list[str] = []
@@ -357,6 +399,8 @@ def _passes(
         if isinstance(data, InvalidSpectrogram):
             yield rel, data
             continue
+        if digests is not None:
+            digests[rel] = lineage.sha256_hex(data)
         try:
             array = parse_spectrogram(
                 data, rel, n_mels=info["n_mels"], min_frames=info["min_frames"], frames=info["frames"]
@@ -487,7 +531,14 @@ def _load_predictor(info: dict[str, Any], device: str, streams: int) -> Callable
     from cnn_features import backends
 
     backends.prepare_process(device)
-    from cnn_features.model import ModelInfo, configure_cpu_threads, inference_model, load_feature_model, make_predictor
+    from cnn_features.model import (
+        ModelInfo,
+        check_digest,
+        configure_cpu_threads,
+        inference_model,
+        load_feature_model,
+        make_predictor,
+    )
 
     backend = backends.active_backend()
     settings = load_settings()
@@ -497,8 +548,33 @@ def _load_predictor(info: dict[str, Any], device: str, streams: int) -> Callable
     if device == "cpu":
         configure_cpu_threads(streams=streams)
     model, _ = load_feature_model(Path(info["path"]))
+    check_digest(info, model)
+    import keras
+
+    _RUN_INFO["keras_version"] = keras.__version__
     model_info = ModelInfo(**info)
     return make_predictor(inference_model(model, model_info), model_info, cache_dir=settings.home / "cache" / "jax")
+
+
+def _no_passes(batch: np.ndarray) -> np.ndarray:
+    """The predictor of a worker with nothing to extract: never called."""
+    msg = "no pass was expected: every feature of this shard was already done"
+    raise AssertionError(msg)
+
+
+def lineage_context(spec: dict[str, Any], device: str) -> dict[str, Any]:
+    """Return what every feature this worker stores shares in its lineage: model, backend, device, shard, run."""
+    gpu = _RUN_INFO.get("gpu_name")
+    return {
+        "model_digest": spec["model"]["digest"],
+        "model_sha256": spec["model"]["sha256"],
+        "keras_backend": _RUN_INFO.get("keras_backend"),
+        "keras_version": _RUN_INFO.get("keras_version"),
+        "device": f"gpu:{os.environ.get('CUDA_VISIBLE_DEVICES', '?')} {gpu}" if device == "gpu" and gpu else device,
+        "precision": _RUN_INFO.get("precision"),
+        "shard_id": spec["shard_id"],
+        "run_id": spec.get("run_id"),
+    }
 
 
 def _run_fields(predictor: Callable[[np.ndarray], np.ndarray]) -> dict[str, Any]:
@@ -533,8 +609,9 @@ def extract(spec: dict[str, Any], device: str) -> dict[str, Any]:
     except OSError as exc:
         msg = f"cannot write features under {spec['output']}: {exc}"
         raise OutputWriteError(msg) from None
-    todo = _pending(spec, info, output, tally)
-    predictor = _load_predictor(info, device, streams)
+    todo = _pending(spec, info, (source, output), tally)
+    # Nothing to extract (a re-run over done features): no framework, no model load.
+    predictor = _load_predictor(info, device, streams) if todo else _no_passes
     if (headroom := faults.count_arg("as_headroom")) is not None:
         faults.limit_address_space(headroom)
     tally.progress(device, force=True)
@@ -561,6 +638,7 @@ def extract(spec: dict[str, Any], device: str) -> dict[str, Any]:
         "files_total": tally.total,
         "extracted": tally.extracted,
         "skipped_existing": tally.skipped,
+        "inputs_hashed_for_reuse": tally.inputs_hashed,
         "bad": tally.bad,
         "elapsed_s": round(elapsed, 3),
         "waited_for_cpu_s": round(waited, 3),
@@ -619,8 +697,21 @@ def _extract_pending(
 
     # A GPU pass outruns one reader thread; CPU passes never wait for reads.
     read_threads = load_settings().gpu_read_threads if device == "gpu" else 1
-    passes = _passes(source, info, todo, size=size, read_threads=read_threads, too_long=too_long)
+    keep_lineage = "no_lineage" not in faults.active()
+    digests = tally.digests if keep_lineage else None
+    passes = _passes(source, info, todo, size=size, read_threads=read_threads, too_long=too_long, digests=digests)
     results = _results(passes, predictor, streams=streams, budget=limit)
+    context = lineage_context(spec, device)
+    record = lineage.LineageLog(output, spec["shard_id"], context, enabled=keep_lineage)
+    held: list[tuple[str, bytes]] = []
+
+    def store_held() -> None:
+        # Lineage first: a stored feature always has its record line.
+        written(record.flush)
+        for rel, data in held:
+            stored(written(functools.partial(writer.put, rel, data)))
+        held.clear()
+
     with output.writer() as writer, contextlib.closing(results) as items:
         for kind, *payload in items:
             if kind == "bad":
@@ -634,11 +725,26 @@ def _extract_pending(
                     tally.bad.append({"file": rel, "reason": non_finite_reason(rel, vector)})
                     output.delete(rel)  # an invalid feature a run before may have left
                     continue
-                stored(written(functools.partial(writer.put, rel, npy_bytes(vector))))
+                data = npy_bytes(vector)
+                if keep_lineage:
+                    entry = {
+                        "feature": rel,
+                        "input_sha256": tally.digests.pop(rel),
+                        "input_stat": tally.input_stats.get(rel),
+                        "feature_sha256": lineage.sha256_hex(data),
+                    }
+                    record.add([entry])
+                    tally.lineage[rel] = {**entry, **context}
+                held.append((rel, data))
+            if record.due():
+                store_held()
             if pause_s:
                 time.sleep(pause_s)
             tally.progress(device)
+        store_held()
         stored(written(writer.flush))
+    # The whole record, then the pieces go: every feature stored, reused or new, is in it.
+    written(functools.partial(record.finish, tally.lineage.values(), listing=tally.listing))
     tally.progress(device, force=True)
 
 

@@ -277,3 +277,38 @@ def test_claiming_an_s3_output_is_create_if_absent(s3_env: dict[str, Any]) -> No
     assert store.create("_features.json", b"first") is True
     assert store.create("_features.json", b"second") is False
     assert store.read("_features.json") == b"first"
+
+
+def test_lineage_on_s3_names_a_changed_feature_or_input_and_a_rerun_fixes_exactly_it(
+    tmp_path: Path, s3_env: dict[str, Any], reference_model: dict[str, Any]
+) -> None:
+    """S3 in, S3 out: one whole lineage record per shard; a flipped feature byte and a rewritten input are each named
+    by verification, and the re-run re-extracts exactly that file (S3 inputs are always hashed again)."""
+    from cnn_features.errors import VerificationFailed
+    from cnn_features.verify import verify_run
+
+    rels = make_ravdess(tmp_path / "in", actors=2, emotions=4)
+    server, bucket, access = s3_env["server"], s3_env["bucket"], s3_env["access"]
+    src, dst = S3Location(bucket, "lineage-in"), S3Location(bucket, "lineage-out")
+    upload(server, tmp_path / "in", src)
+    shards = [{**s, "model": reference_model, "batch_size": 4} for s in plan_dataset(DatasetIO("ravdess", src, dst), shard_size=100, access=access)]
+    (result,) = [run_shard(s, requested_device="cpu", probe=NO_GPU, access=access) for s in shards]
+    assert result["extracted"] == len(rels)
+    out, client = open_store(dst, access=access), server.client()
+    assert [rel for rel, _ in out.list() if ".lineage" in rel] == [f"_shards/{shards[0]['shard_id']}.lineage.jsonl"]
+    verify_run(shards, [result], max_bad_fraction=0.0, access=access)
+
+    def flip(location: S3Location, rel: str) -> None:
+        data = bytearray(client.get_object(Bucket=bucket, Key=location.key(rel))["Body"].read())
+        data[-4] ^= 0x01
+        client.put_object(Bucket=bucket, Key=location.key(rel), Body=bytes(data))
+
+    for location, rel in ((dst, rels[1]), (src, rels[5])):
+        flip(location, rel)
+        with pytest.raises(VerificationFailed) as err:
+            verify_run(shards, [result], max_bad_fraction=0.0, access=access)
+        assert [r for r in rels if r in str(err.value)] == [rel]
+        (again,) = [run_shard(s, requested_device="cpu", probe=NO_GPU, access=access) for s in shards]
+        assert (again["extracted"], again["skipped_existing"]) == (1, len(rels) - 1)
+        assert again["inputs_hashed_for_reuse"] == len(rels) - (1 if location == dst else 0)
+        verify_run(shards, [again], max_bad_fraction=0.0, access=access)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -45,9 +46,14 @@ def test_training_beats_chance_on_separable_features(tmp_path: Path) -> None:
                 vec = rng.normal(0, 1, 32).astype(np.float32)
                 vec[k * 4 : k * 4 + 4] += 3.0
                 np.save(tmp_path / rel, vec)
-                items.append({"feature": rel, "clip_id": rel, "emotion": emotion, "actor": f"{1000 + actor}"})
-    (tmp_path / "manifest.json").write_text(json.dumps({"dataset": "crema_d", "feature_dim": 32, "passed": True, "items": items}))
+                digest = hashlib.sha256((tmp_path / rel).read_bytes()).hexdigest()
+                items.append({"feature": rel, "clip_id": rel, "emotion": emotion, "actor": f"{1000 + actor}", "sha256": digest})
+    manifest = {"dataset": "crema_d", "feature_dim": 32, "passed": True, "model_digest": "d" * 64, "items": items}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     metrics = run_training(tmp_path / "manifest.json", epochs=40)
+    assert metrics["manifest"] == str(tmp_path / "manifest.json")
+    assert metrics["manifest_sha256"] == hashlib.sha256((tmp_path / "manifest.json").read_bytes()).hexdigest()
+    assert metrics["feature_model"]["model_digest"] == "d" * 64
     assert metrics["test_actors"] == ["1005", "1010"] and metrics["n_test"] == 24
     assert metrics["accuracy"] > 0.8 > 3 * metrics["chance_accuracy"]
     assert metrics["classes"] == ["neutral", "happy", "sad", "angry"]
@@ -73,3 +79,12 @@ def test_training_conf_is_validated(home: Path) -> None:
         training_jobs({"datasets": {"ravdess": {"manifest": "/etc/passwd"}}}, settings)
     with pytest.raises(InvalidConf, match="does not exist"):
         training_jobs({"datasets": {"ravdess": {"manifest": str(home / "nope.json")}}}, settings)
+
+
+def test_a_manifest_without_checksums_is_refused(tmp_path: Path) -> None:
+    """A manifest from before lineage lists no feature SHA-256s: training will not check what it cannot, so it refuses."""
+    np.save(tmp_path / "a.npy", np.ones(8, np.float32))
+    item = {"feature": "a.npy", "clip_id": "a", "emotion": "happy", "actor": "01"}
+    (tmp_path / "manifest.json").write_text(json.dumps({"dataset": "ravdess", "feature_dim": 8, "passed": True, "items": [item]}))
+    with pytest.raises(TrainingFailed, match="lists features without their SHA-256"):
+        run_training(tmp_path / "manifest.json", epochs=1)

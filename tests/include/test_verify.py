@@ -12,10 +12,10 @@ import pytest
 from cnn_features.errors import VerificationFailed
 from cnn_features.plan import DatasetIO, plan_dataset
 from cnn_features.verify import verify_run
-from tests.conftest import make_ravdess
+from tests.conftest import make_ravdess, record_lineage
 
 DIM = 8
-MODEL = {"feature_dim": DIM, "sha256": "0" * 64, "path": "/m.keras"}
+MODEL = {"feature_dim": DIM, "sha256": "0" * 64, "digest": "1" * 64, "path": "/m.keras"}
 
 
 def planned(tmp_path: Path, **kw: Any) -> list[dict[str, Any]]:
@@ -30,6 +30,7 @@ def fake_extract(shards: list[dict[str, Any]], *, skip: int = 0) -> list[dict[st
     for out, rel in files[skip:]:
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
         np.save(out / rel, np.ones(DIM, dtype=np.float32))
+    record_lineage(shards)
     return [{"shard_id": s["shard_id"], "bad": [], "device": "cpu", "fallback_reason": None} for s in shards]
 
 
@@ -76,17 +77,23 @@ def test_bad_inputs_fail_unless_tolerated(tmp_path: Path) -> None:
 
 
 def test_orphans_and_stale_temps_are_reported(tmp_path: Path) -> None:
-    """Features without an input and leftover temporaries show up in the report."""
+    """A feature without an input fails verification, named, and is moved aside; temporaries are reported.
+
+    The next verification passes: the folder again holds only features of planned inputs.
+    """
     shards = planned(tmp_path)
     results = fake_extract(shards)
     out = tmp_path / "out"
     (out / "Actor_09").mkdir()
     np.save(out / "Actor_09" / "x.npy", np.ones(DIM, np.float32))
     (out / "Actor_01" / ".y.npy.tmp-1").write_bytes(b"")
-    verify_run(shards, results, max_bad_fraction=0.0)
+    with pytest.raises(VerificationFailed, match=r"(?s)1 problem.*no input in the plan.*Actor_09/x\.npy: moved to .*_orphans/Actor_09/x\.npy"):
+        verify_run(shards, results, max_bad_fraction=0.0)
     report = json.loads((out / "verification_report.json").read_text())
     assert report["orphan_features"] == ["Actor_09/x.npy"]
     assert report["stale_temp_files"] == ["Actor_01/.y.npy.tmp-1"]
+    assert not (out / "Actor_09" / "x.npy").exists() and (out / "_orphans" / "Actor_09" / "x.npy").is_file()
+    assert verify_run(shards, results, max_bad_fraction=0.0)["passed"]
 
 
 def test_a_failing_dataset_leaves_no_manifest_and_training_refuses_an_unpassed_one(home: Path) -> None:

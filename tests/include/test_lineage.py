@@ -1,0 +1,243 @@
+"""Content-keyed reuse, lineage records, the verifier's mutation test, the model check and determinism."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from cnn_features import lineage
+from cnn_features.config import load_settings
+from cnn_features.errors import ShardFailed, VerificationFailed
+from cnn_features.plan import DatasetIO, check_model, plan_dataset
+from cnn_features.runner import run_shard
+from cnn_features.stores import LocalStore
+from cnn_features.verify import verify_run
+from tests.conftest import make_ravdess
+
+NO_GPU = {"usable": False, "error": "no GPU in tests"}
+
+
+def _run(shards: list[dict[str, Any]], model: dict[str, Any], *, batch_size: int = 4, run_id: str = "test") -> list[dict[str, Any]]:
+    """Run every shard on CPU in worker processes; return the results."""
+    return [
+        run_shard({**s, "model": model, "batch_size": batch_size, "run_id": run_id}, requested_device="cpu", probe=NO_GPU)
+        for s in shards
+    ]
+
+
+def _problems(shards: list[dict[str, Any]], model: dict[str, Any]) -> str:
+    """Return verification's problems as text ('' when it passes)."""
+    try:
+        verify_run([{**s, "model": model} for s in shards], [], max_bad_fraction=0.0, run_id="verify")
+    except VerificationFailed as exc:
+        return str(exc)
+    return ""
+
+
+def _flip_keeping_size_and_mtime(path: Path) -> None:
+    """Change one float of a file in place, then put its size and mtime back."""
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    data[-4] ^= 0x01  # lowest mantissa byte of the last float: still finite
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+
+
+def _save_model(path: Path, seed: int) -> None:
+    """Save a reference-architecture model with other weights at ``path``, in a fresh process."""
+    code = f"from cnn_features.model import build_reference_model as b; b(seed={seed}).save({str(path)!r})"
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": "-1"}, capture_output=True)
+
+
+@pytest.fixture
+def extracted(tmp_path: Path, reference_model: dict[str, Any]) -> tuple[list[dict[str, Any]], Path, Path]:
+    """A tiny corpus fully extracted and verified on CPU: (shards, input folder, output folder)."""
+    make_ravdess(tmp_path / "in", actors=2, emotions=3)
+    shards = plan_dataset(DatasetIO("ravdess", tmp_path / "in", tmp_path / "out"), shard_size=3)
+    results = _run(shards, reference_model)
+    assert sum(r["extracted"] for r in results) == 6
+    assert _problems(shards, reference_model) == ""
+    return shards, tmp_path / "in", tmp_path / "out"
+
+
+def test_each_feature_has_its_lineage_and_the_manifest_lists_it(
+    extracted: tuple[list[dict[str, Any]], Path, Path], reference_model: dict[str, Any]
+) -> None:
+    """Per feature: input, model and feature digests, backend and version, device, precision, shard and run.
+
+    One whole record per shard, no pieces left; the manifest lists every
+    feature's SHA-256, input digest, labels and device, the model and the verifying run.
+    """
+    shards, inp, out = extracted
+    records = sorted(p.name for p in (out / "_shards").iterdir() if ".lineage" in p.name)
+    assert records == sorted(f"{s['shard_id']}.lineage.jsonl" for s in shards)
+    entries = lineage.load_entries(LocalStore(out))
+    assert sorted(entries) == sorted(rel for s in shards for rel in s["files"])
+    rel = shards[0]["files"][0]
+    (entry,) = entries[rel]
+    assert entry["model_digest"] == reference_model["digest"] and entry["model_sha256"] == reference_model["sha256"]
+    assert entry["input_sha256"] == lineage.sha256_hex((inp / rel).read_bytes())
+    assert entry["feature_sha256"] == lineage.sha256_hex((out / rel).read_bytes())
+    assert (entry["device"], entry["precision"], entry["run_id"]) == ("cpu", "float32", "test")
+    assert entry["shard_id"] == shards[0]["shard_id"] and entry["keras_backend"] == "tensorflow" and entry["keras_version"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model_digest"] == reference_model["digest"] and manifest["verified_by_run"] == "verify"
+    item = next(i for i in manifest["items"] if i["feature"] == rel)
+    assert item["sha256"] == entry["feature_sha256"] and item["input_sha256"] == entry["input_sha256"]
+    assert (item["device"], item["actor"], item["emotion"], item["clip_id"]) == ("cpu", "01", "neutral", "01-01-01-01-01-01")
+
+
+@pytest.mark.parametrize(
+    "mutation",
+    ["input changed, size and mtime kept", "feature byte flipped", "feature deleted", "two features swapped"],
+)
+def test_a_mutation_is_named_exactly_and_a_rerun_fixes_exactly_it(
+    mutation: str, extracted: tuple[list[dict[str, Any]], Path, Path], reference_model: dict[str, Any]
+) -> None:
+    """Verification names exactly the affected files; the re-run re-extracts exactly those, and then verification passes."""
+    shards, inp, out = extracted
+    files = [rel for s in shards for rel in s["files"]]
+    a, b = files[0], files[4]
+    affected = {a, b} if mutation == "two features swapped" else {a}
+    before = {rel: (out / rel).stat().st_mtime_ns for rel in files}
+    if mutation.startswith("input changed"):
+        _flip_keeping_size_and_mtime(inp / a)
+    elif mutation == "feature byte flipped":
+        _flip_keeping_size_and_mtime(out / a)
+    elif mutation == "feature deleted":
+        (out / a).unlink()
+    else:
+        os.replace(out / a, out / "swap.tmp")
+        os.replace(out / b, out / a)
+        os.replace(out / "swap.tmp", out / b)
+        before = {rel: (out / rel).stat().st_mtime_ns for rel in files}
+    problems = _problems(shards, reference_model)
+    assert {rel for rel in files if rel in problems} == affected, problems
+    assert not (out / "manifest.json").exists()
+    results = _run(shards, reference_model)
+    assert sum(r["extracted"] for r in results) == len(affected)
+    assert sum(r["skipped_existing"] for r in results) == len(files) - len(affected)
+    assert {rel for rel in files if (out / rel).stat().st_mtime_ns != before.get(rel)} == affected
+    assert _problems(shards, reference_model) == ""
+
+
+def test_an_added_feature_is_named_and_moved_aside(
+    extracted: tuple[list[dict[str, Any]], Path, Path], reference_model: dict[str, Any]
+) -> None:
+    """A feature with no input is named alone and moved out of the feature space; the next verification passes."""
+    shards, _, out = extracted
+    files = [rel for s in shards for rel in s["files"]]
+    shutil.copy(out / files[0], out / "Actor_01" / "03-01-08-01-01-01-01.npy")
+    problems = _problems(shards, reference_model)
+    assert "Actor_01/03-01-08-01-01-01-01.npy" in problems and not any(rel in problems for rel in files)
+    assert (out / "_orphans" / "Actor_01" / "03-01-08-01-01-01-01.npy").is_file()
+    assert _problems(shards, reference_model) == ""
+
+
+def test_a_folder_of_another_models_features_is_named_and_redone(
+    extracted: tuple[list[dict[str, Any]], Path, Path], reference_model: dict[str, Any], tmp_path: Path, home: Path
+) -> None:
+    """Features copied beside another model's: each is named, and a run with that model re-extracts every one."""
+    shards, inp, out = extracted
+    files = [rel for s in shards for rel in s["files"]]
+    other_path = tmp_path / "other.keras"
+    _save_model(other_path, seed=99)
+    other = check_model(other_path, load_settings())
+    assert other["digest"] != reference_model["digest"]
+    shutil.copytree(out, tmp_path / "copy")
+    copied = plan_dataset(DatasetIO("ravdess", inp, tmp_path / "copy"), shard_size=3)
+    problems = _problems(copied, other)
+    assert all(f"{rel}: feature file was made by another model" in problems for rel in files), problems
+    results = _run(copied, other)
+    assert sum(r["extracted"] for r in results) == len(files) and sum(r["skipped_existing"] for r in results) == 0
+    assert _problems(copied, other) == ""
+
+
+def test_a_model_replaced_after_planning_is_refused_naming_both_digests(
+    tmp_path: Path, home: Path
+) -> None:
+    """The worker loads the model file the plan named; other weights under that name fail the shard, nothing is written."""
+    model_path = tmp_path / "mine.keras"
+    _save_model(model_path, seed=7)
+    planned = check_model(model_path, load_settings())
+    _save_model(model_path, seed=8)  # replaced between planning and the shard
+    make_ravdess(tmp_path / "in", actors=1, emotions=2)
+    shards = plan_dataset(DatasetIO("ravdess", tmp_path / "in", tmp_path / "out"), shard_size=10)
+    with pytest.raises(ShardFailed, match=rf"digest \(architecture and weights\) is [0-9a-f]{{64}}, but the plan checked {planned['digest']}"):
+        _run(shards, planned)
+    assert not list((tmp_path / "out").rglob("*.npy"))
+
+
+def test_an_unchanged_rerun_hashes_no_input_and_a_touched_one_is_hashed_not_redone(
+    extracted: tuple[list[dict[str, Any]], Path, Path], reference_model: dict[str, Any]
+) -> None:
+    """The stat fast path: unchanged inputs are trusted; a file whose mtime changed is hashed again, and reused if its bytes did not."""
+    shards, inp, _ = extracted
+    results = _run(shards, reference_model)
+    assert sum(r["inputs_hashed_for_reuse"] for r in results) == 0 and sum(r["extracted"] for r in results) == 0
+    os.utime(inp / shards[0]["files"][0])
+    results = _run(shards, reference_model)
+    assert sum(r["inputs_hashed_for_reuse"] for r in results) == 1 and sum(r["extracted"] for r in results) == 0
+
+
+def test_a_killed_worker_leaves_pieces_that_the_rerun_uses_and_folds(
+    tmp_path: Path, reference_model: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lineage is written ahead of each pass: after a SIGKILL the stored features are reused, and the finished shard has one whole record."""
+    from cnn_features.faults import ENV_VAR
+
+    make_ravdess(tmp_path / "in", actors=2, emotions=5)
+    shards = plan_dataset(DatasetIO("ravdess", tmp_path / "in", tmp_path / "out"), shard_size=10)
+    monkeypatch.setenv(ENV_VAR, "die_after=4")
+    with pytest.raises(ShardFailed, match="killed"):
+        _run(shards, reference_model, batch_size=2)
+    monkeypatch.delenv(ENV_VAR)
+    out = tmp_path / "out"
+    stored = sorted(p.relative_to(out).as_posix() for p in out.glob("Actor_*/*.npy"))
+    pieces = [p.name for p in (out / "_shards").iterdir() if ".lineage-" in p.name]
+    assert len(stored) >= 4 and pieces
+    assert set(stored) <= set(lineage.load_entries(LocalStore(out)))
+    (result,) = _run(shards, reference_model, batch_size=2)
+    assert result["skipped_existing"] == len(stored) and result["extracted"] == 10 - len(stored)
+    assert sorted(p.name for p in (out / "_shards").iterdir() if ".lineage" in p.name) == [f"{shards[0]['shard_id']}.lineage.jsonl"]
+    assert _problems(shards, reference_model) == ""
+
+
+def test_training_refuses_a_feature_changed_after_verification(extracted: tuple[list[dict[str, Any]], Path, Path]) -> None:
+    """A feature whose bytes are not the manifest's stops training, naming the file and both SHA-256s."""
+    from cnn_features.training import TrainingFailed, load_manifest
+
+    shards, _, out = extracted
+    rel = shards[0]["files"][0]
+    listed = next(i["sha256"] for i in json.loads((out / "manifest.json").read_text())["items"] if i["feature"] == rel)
+    _flip_keeping_size_and_mtime(out / rel)
+    with pytest.raises(TrainingFailed, match=rf"{rel}: SHA-256 [0-9a-f]{{64}} is not the {listed} its manifest lists"):
+        load_manifest(LocalStore(out), "manifest.json")
+
+
+def test_two_cpu_runs_are_bit_identical_and_shard_or_batch_size_change_nothing_beyond_1e_6(
+    extracted: tuple[list[dict[str, Any]], Path, Path], reference_model: dict[str, Any], tmp_path: Path
+) -> None:
+    """The README's two promises: the same plan on the same device twice gives the same bytes; another shard or
+    batch size changes no feature by more than 1e-6 of its largest magnitude."""
+    shards, inp, out = extracted
+    files = [rel for s in shards for rel in s["files"]]
+    again = plan_dataset(DatasetIO("ravdess", inp, tmp_path / "again"), shard_size=3)
+    _run(again, reference_model)
+    assert all((out / rel).read_bytes() == (tmp_path / "again" / rel).read_bytes() for rel in files)
+    for folder, shard_size, batch_size in (("shard5", 5, 4), ("batch1", 3, 1), ("batch8", 6, 8)):
+        other = plan_dataset(DatasetIO("ravdess", inp, tmp_path / folder), shard_size=shard_size)
+        _run(other, reference_model, batch_size=batch_size)
+        for rel in files:
+            first = np.load(out / rel, allow_pickle=False)
+            second = np.load(tmp_path / folder / rel, allow_pickle=False)
+            assert np.abs(second - first).max() <= 1e-6 * np.abs(first).max(), (folder, rel)
