@@ -43,16 +43,24 @@ def airflow(*args: str, log: Path, env: dict[str, str] | None = None) -> None:
         raise AirflowFailed(msg)
 
 
-def triggered_run(env: dict[str, str] | None = None) -> tuple[str, dict]:
-    """Return run id and conf of the newest emotion_training run that trigger_training created."""
+def triggered_run(env: dict[str, str] | None = None, *, take: bool = False) -> tuple[str, dict]:
+    """Return run id and conf of the newest emotion_training run that trigger_training created.
+
+    With ``take``, that run is also removed from the metadata DB while it is
+    still queued: ``airflow dags test`` runs its conf as a run of its own,
+    and a scheduler started later would otherwise run it a second time.
+    """
     code = (
         "import json\n"
         "from airflow.models.dagrun import DagRun\n"
         "from airflow.utils.session import create_session\n"
+        "from airflow.utils.state import DagRunState\n"
         "with create_session() as s:\n"
         "    dr = (s.query(DagRun).filter(DagRun.dag_id == 'emotion_training', DagRun.run_id.like('features\\_\\_%', escape='\\\\'))\n"
         "          .order_by(DagRun.id.desc()).first())\n"
         "    print('RUN ' + json.dumps([dr.run_id, dr.conf]))\n"
+        f"    if {take!r} and dr.state == DagRunState.QUEUED:\n"
+        "        s.delete(dr)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     line = next(line for line in reversed(out.stdout.splitlines()) if line.startswith("RUN "))
@@ -119,7 +127,7 @@ def run_pipeline(args: argparse.Namespace, settings: Any, datasets: dict[str, di
     airflow("dags", "test", "cnn_feature_extraction", "-c", json.dumps(conf), log=log)
     print(f"    done in {time.monotonic() - before:.0f} s", flush=True)
 
-    run_id, training_conf = triggered_run()
+    run_id, training_conf = triggered_run(take=True)
     print(f"4/4 emotion_training with the conf of triggered run {run_id}", flush=True)
     airflow("dags", "test", "emotion_training", "-c", json.dumps(training_conf), log=log)
 

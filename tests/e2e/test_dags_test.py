@@ -135,3 +135,13 @@ def test_demo_script_prints_where_results_are(tmp_path: Path) -> None:
     for words in ("verification report:", "training metrics:", "accuracy"):
         assert words in proc.stdout
     assert (tmp_path / "data" / "features" / "ravdess" / "training" / "metrics.json").is_file()
+    # No run is left queued for a scheduler started later to run again.
+    code = (
+        "from airflow.models.dagrun import DagRun\n"
+        "from airflow.utils.session import create_session\n"
+        "with create_session() as s:\n"
+        "    print('RUNS', sorted((r.dag_id, str(r.state)) for r in s.query(DagRun)))\n"
+    )
+    runs = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    line = next(line for line in runs.splitlines() if line.startswith("RUNS"))
+    assert "queued" not in line and "running" not in line and "emotion_training" in line, line
