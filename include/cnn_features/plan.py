@@ -20,6 +20,7 @@ from cnn_features.datasets import get_dataset, label_all
 from cnn_features.errors import InvalidConf, InvalidInput, ModelError, OutputConflict, StoreError
 from cnn_features.procs import RESULT_PREFIX, child_env, parse_line, python_module_cmd
 from cnn_features.s3 import S3Access, S3Location, S3Store, check_reachable, is_s3, parse_s3_uri, unsafe_key_reason
+from cnn_features.shipping import ship_model
 from cnn_features.storage import file_sha256, write_json_atomic
 from cnn_features.stores import Location, open_store
 
@@ -351,6 +352,12 @@ def claim_output(
             f"not of {model['path']} (digest {model['digest'][:12]}); use another output folder"
         )
         raise OutputConflict(msg)
+    # Workers on hosts without the model file fetch this copy (``shipping.local_model``).
+    try:
+        ship_model(store, model)
+    except (OSError, StoreError) as exc:
+        msg = f"datasets.{dataset.name}.output: cannot copy the model into {store.uri} ({exc})"
+        raise OutputConflict(msg) from None
 
 
 def plan_dataset(

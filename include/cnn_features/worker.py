@@ -41,6 +41,7 @@ from cnn_features.config import load_settings
 from cnn_features.errors import CnnFeaturesError, InvalidSpectrogram, ModelError, StoreError
 from cnn_features.memory import FALLBACK_BYTES_PER_FRAME_PER_MEL, pass_budget
 from cnn_features.procs import PROGRESS_PREFIX, RESULT_PREFIX, die_with_parent, emit
+from cnn_features.shipping import local_model
 from cnn_features.spectrogram import MAX_INPUT_BYTES, parse_spectrogram
 from cnn_features.storage import npy_bytes
 from cnn_features.stores import LocalStore, Store, open_store, valid_features
@@ -526,8 +527,14 @@ def _results(
             thread.join(timeout=_JOIN_TIMEOUT_S)
 
 
-def _load_predictor(info: dict[str, Any], device: str, streams: int) -> Callable[[np.ndarray], np.ndarray]:
-    """Set up the Keras backend and threads, load, fold and trace the model; return its predictor."""
+def _load_predictor(
+    info: dict[str, Any], device: str, streams: int, *, output: Store | None = None
+) -> Callable[[np.ndarray], np.ndarray]:
+    """Set up the Keras backend and threads, load, fold and trace the model; return its predictor.
+
+    The model is the file at the plan's path, or, on a host without it, the
+    copy planning left in ``output`` (``shipping.local_model``).
+    """
     from cnn_features import backends
 
     backends.prepare_process(device)
@@ -547,7 +554,8 @@ def _load_predictor(info: dict[str, Any], device: str, streams: int) -> Callable
     _RUN_INFO.update(keras_backend=backend, precision=precision)
     if device == "cpu":
         configure_cpu_threads(streams=streams)
-    model, _ = load_feature_model(Path(info["path"]))
+    path = Path(info["path"]) if output is None else local_model(info, output, settings.home / "cache" / "models")
+    model, _ = load_feature_model(path)
     check_digest(info, model)
     import keras
 
@@ -611,7 +619,7 @@ def extract(spec: dict[str, Any], device: str) -> dict[str, Any]:
         raise OutputWriteError(msg) from None
     todo = _pending(spec, info, (source, output), tally)
     # Nothing to extract (a re-run over done features): no framework, no model load.
-    predictor = _load_predictor(info, device, streams) if todo else _no_passes
+    predictor = _load_predictor(info, device, streams, output=output) if todo else _no_passes
     if (headroom := faults.count_arg("as_headroom")) is not None:
         faults.limit_address_space(headroom)
     tally.progress(device, force=True)

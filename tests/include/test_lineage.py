@@ -241,3 +241,36 @@ def test_two_cpu_runs_are_bit_identical_and_shard_or_batch_size_change_nothing_b
             first = np.load(out / rel, allow_pickle=False)
             second = np.load(tmp_path / folder / rel, allow_pickle=False)
             assert np.abs(second - first).max() <= 1e-6 * np.abs(first).max(), (folder, rel)
+
+
+def test_a_worker_without_the_model_file_fetches_the_outputs_copy_checked_by_sha256(
+    tmp_path: Path, home: Path, reference_model: dict[str, Any]
+) -> None:
+    """A host whose data folder lacks the model (another Celery worker) runs the copy planning left in the output;
+    a copy whose bytes are not the plan's is refused on arrival."""
+    from cnn_features.plan import claim_output
+    from cnn_features.shipping import model_name
+
+    model_path = tmp_path / "planner" / "mine.keras"
+    model_path.parent.mkdir()
+    shutil.copyfile(reference_model["path"], model_path)
+    planned = {**reference_model, "path": str(model_path)}
+    make_ravdess(tmp_path / "in", actors=1, emotions=3)
+    io = DatasetIO("ravdess", tmp_path / "in", tmp_path / "out")
+    claim_output(io, planned)
+    shipped = tmp_path / "out" / model_name(planned["sha256"])
+    assert shipped.read_bytes() == model_path.read_bytes()
+    shutil.rmtree(tmp_path / "planner")  # this "host" never had it
+    shards = plan_dataset(io, shard_size=10)
+    (result,) = _run(shards, planned)
+    assert result["extracted"] == 3
+    assert (home / "cache" / "models" / f"{planned['sha256']}.keras").read_bytes() == shipped.read_bytes()
+
+    shutil.rmtree(home / "cache" / "models")
+    data = bytearray(shipped.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shipped.write_bytes(bytes(data))
+    for rel in shards[0]["files"]:
+        (tmp_path / "out" / rel).unlink()
+    with pytest.raises(ShardFailed, match=rf"model copy .*{model_name(planned['sha256'])}: SHA-256 [0-9a-f]{{64}} on arrival, expected {planned['sha256']}"):
+        _run(shards, planned)

@@ -236,14 +236,14 @@ def test_failures_are_reported_as_what_they_are(
     def broken(batch: np.ndarray) -> np.ndarray:
         raise RuntimeError("CUDA_ERROR_ILLEGAL_ADDRESS")
 
-    monkeypatch.setattr(worker, "_load_predictor", lambda info, device, streams: lambda b: b.reshape(len(b), -1)[:, :256])
+    monkeypatch.setattr(worker, "_load_predictor", lambda info, device, streams, **_: lambda b: b.reshape(len(b), -1)[:, :256])
     with monkeypatch.context() as patch:
         patch.setattr(LocalStore, "read_many", unreadable)
         code, result = _run_worker_main(tmp_path / "read", reference_model, "cpu", capsys)
     assert (code, result["status"]) == (worker.EXIT_INPUT, "input_failed")
     assert "cannot read inputs under" in result["error"] and "cannot write" not in result["error"]
 
-    monkeypatch.setattr(worker, "_load_predictor", lambda info, device, streams: broken)
+    monkeypatch.setattr(worker, "_load_predictor", lambda info, device, streams, **_: broken)
     code, result = _run_worker_main(tmp_path / "cpu", reference_model, "cpu", capsys)
     assert (code, result["status"]) == (worker.EXIT_MODEL, "model_failed")
     assert "CUDA_ERROR_ILLEGAL_ADDRESS" in result["error"]
