@@ -143,6 +143,7 @@ class Settings:
     crosscheck_sample: int = DEFAULT_CROSSCHECK_SAMPLE
     pass_memory_mb: int = DEFAULT_PASS_MEMORY_MB
     gpu_read_threads: int = DEFAULT_GPU_READ_THREADS
+    progress_dir: Path | None = None
 
     @property
     def demo_input_root(self) -> Path:
@@ -154,7 +155,11 @@ class Settings:
 
     @property
     def progress_root(self) -> Path:
-        return self.home / "progress"
+        """Where run progress records and plots go: ``CNN_FEATURES_PROGRESS_ROOT``, else ``home/progress``.
+
+        With workers on several hosts, a folder they and the API server share.
+        """
+        return self.progress_dir or self.home / "progress"
 
     @property
     def model_dir(self) -> Path:
@@ -162,7 +167,7 @@ class Settings:
 
     @property
     def reference_model_path(self) -> Path:
-        return self.model_dir / "reference_cnn_v1.keras"
+        return self.model_dir / "reference_cnn_v2.keras"
 
     @property
     def model_info_cache(self) -> Path:
@@ -209,4 +214,5 @@ def load_settings() -> Settings:
         crosscheck_sample=_env_int("CNN_FEATURES_CROSSCHECK_SAMPLE", DEFAULT_CROSSCHECK_SAMPLE, minimum=0),
         pass_memory_mb=_env_int("CNN_FEATURES_PASS_MEMORY_MB", DEFAULT_PASS_MEMORY_MB, minimum=0),
         gpu_read_threads=_env_int("CNN_FEATURES_GPU_READ_THREADS", DEFAULT_GPU_READ_THREADS, minimum=1),
+        progress_dir=_env_path("CNN_FEATURES_PROGRESS_ROOT", Path()).resolve() if os.environ.get("CNN_FEATURES_PROGRESS_ROOT", "").strip() else None,
     )

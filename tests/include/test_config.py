@@ -37,3 +37,12 @@ def test_bad_values_name_the_variable(monkeypatch: pytest.MonkeyPatch, name: str
     monkeypatch.setenv(name, value)
     with pytest.raises(SettingsError, match=name):
         load_settings()
+
+
+def test_progress_records_go_where_the_deployment_says(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """By default under the home; with CNN_FEATURES_PROGRESS_ROOT (a folder every host shares), there, whatever the home."""
+    monkeypatch.setenv("CNN_FEATURES_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("CNN_FEATURES_PROGRESS_ROOT", raising=False)
+    assert load_settings().progress_root == tmp_path / "home" / "progress"
+    monkeypatch.setenv("CNN_FEATURES_PROGRESS_ROOT", str(tmp_path / "shared" / "progress"))
+    assert load_settings().progress_root == tmp_path / "shared" / "progress"
