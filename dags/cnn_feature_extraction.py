@@ -56,10 +56,20 @@ FEATURES_ASSET = Asset(name="cnn_features", uri=SETTINGS.features_root.as_uri())
 
 
 def celery_live_queues() -> dict[str, list[str]]:
-    """Return each live Celery worker (``name@host``) with the queues it consumes, asking Airflow's Celery app."""
-    from airflow.providers.celery.executors.celery_executor_utils import app
+    """Return each live Celery worker (``name@host``) with the queues it consumes, asking Airflow's Celery app.
 
-    answers = app.control.inspect(timeout=5.0).active_queues() or {}
+    Raises:
+        ConnectionError: the broker could not be reached.
+    """
+    from airflow.providers.celery.executors.celery_executor_utils import app
+    from kombu.exceptions import OperationalError
+    from redis.exceptions import RedisError
+
+    try:
+        answers = app.control.inspect(timeout=5.0).active_queues() or {}
+    except (OperationalError, RedisError) as exc:
+        msg = f"Celery broker: {exc}"
+        raise ConnectionError(msg) from exc
     return {worker: [q["name"] for q in queues] for worker, queues in answers.items()}
 
 

@@ -154,11 +154,13 @@ def gpu_pool_slots() -> int:
 def live_workers(broker_url: str, *, timeout_s: float = INSPECT_TIMEOUT_S) -> dict[str, list[str]]:
     """Return each Celery worker answering on ``broker_url`` (``name@host``) with the queues it consumes."""
     from celery import Celery
+    from kombu.exceptions import OperationalError
+    from redis.exceptions import RedisError
 
     app = Celery(broker=broker_url)
     try:
         answers = app.control.inspect(timeout=timeout_s).active_queues() or {}
-    except OSError:  # the broker does not answer: no live worker
+    except (OSError, OperationalError, RedisError):  # the broker does not answer: no live worker
         return {}
     finally:
         app.close()
