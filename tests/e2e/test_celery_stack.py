@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +25,7 @@ import pytest
 
 from cnn_features.demo import generate
 from cnn_features.storage import check_feature_file
-from tests.e2e.live import DAG_ID, LiveAirflow, wait_for
+from tests.e2e.live import DAG_ID, REPO, LiveAirflow, wait_for
 from tests.e2e.test_live_faults import workers_of
 
 from airflow_local import (  # scripts/ is on sys.path through tests.e2e.live
@@ -103,6 +106,60 @@ def celery_live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveAirflo
         redis.stop()
         postgres.stop()
         shutil.rmtree(pg_root, ignore_errors=True)
+
+
+def test_documented_celery_command_starts_the_stack_and_stops_it_all_on_ctrl_c(tmp_path: Path) -> None:
+    """`airflow_local.py --celery` (`bash scripts/airflow.sh --celery`) starts both workers on a loopback Redis with a password; Ctrl-C stops all."""
+    try:
+        postgres_bindir()
+        redis_server_binary()
+    except (PostgresUnavailable, RedisUnavailable) as exc:
+        pytest.skip(f"{exc}; the README test command (bash scripts/test.sh) installs it")
+    pg_root = Path(tempfile.mkdtemp(prefix="cnn-e2e-celery-cmd-pg-", dir="/tmp"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "CNN_FEATURES_"))}
+    env.update({"AIRFLOW_HOME": str(tmp_path / "airflow"), "CNN_FEATURES_HOME": str(tmp_path / "data"),
+                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"})
+    port = free_port()
+    out = tmp_path / "airflow_local.out"
+    with open(out, "wb") as fh:
+        proc = subprocess.Popen(
+            [sys.executable, str(REPO / "scripts" / "airflow_local.py"), "--celery", "--port", str(port), "--pg-root", str(pg_root)],
+            env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    pids: list[int] = []
+    try:
+        wait_for(lambda: "Press Ctrl-C" in out.read_text() or proc.poll() is not None, timeout_s=400,
+                 what="the documented command to start the Celery stack")
+        text = out.read_text()
+        assert proc.poll() is None, text[-3000:]
+        assert f"Airflow is up on http://127.0.0.1:{port} (PostgreSQL metadata DB, CeleryExecutor, Redis broker on 127.0.0.1:" in text
+        assert f"worker:         cpu@{HOST} on queues default\n" in text
+        assert f"worker:         gpu@{HOST} on queues default, gpu\n" in text
+        redis_dir = tmp_path / "airflow" / "redis"
+        password = (redis_dir / "password").read_text().strip()
+        assert password not in text
+        for secret in (redis_dir / "password", redis_dir / "redis.conf"):
+            assert secret.stat().st_mode & 0o077 == 0, secret
+        conf = (redis_dir / "redis.conf").read_text()
+        assert "bind 127.0.0.1\n" in conf and f"requirepass {password}\n" in conf
+        pids = [int(m) for m in re.findall(r"started \(pid (\d+)\)", out.read_text())]
+        assert len(pids) == 8  # PostgreSQL, Redis, the four Airflow services, two workers
+        for pid in pids:
+            assert password not in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=180)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        shutil.rmtree(pg_root, ignore_errors=True)
+    assert proc.returncode == 0, out.read_text()[-3000:]
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    with socket.socket() as sock:
+        assert sock.connect_ex(("127.0.0.1", port)) != 0
 
 
 def _results(live: LiveAirflow, run_id: str, task_id: str) -> list[dict[str, Any]]:
