@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -47,13 +48,16 @@ from airflow_local import (  # scripts/ is on sys.path through tests.e2e.live
 pytestmark = pytest.mark.e2e
 
 FRAMES = 48
-# Each shard worker sleeps this long after each batch of 8 (CNN_FEATURES_TEST_FAULT=slow),
-# so a shard stays in progress long enough to kill its worker or restart the broker mid-run.
+# Each shard worker sleeps this long after each batch of 8 (CNN_FEATURES_TEST_FAULT=slow)
+# in the worker-kill test, so its shard stays in progress long enough to kill it mid-shard.
 SLOW_S = "0.3"
 # Seconds without a task heartbeat before the scheduler fails the try (default 300),
 # and how often it looks (default 10): a killed worker's shard is retried within a minute.
 HEARTBEAT_TIMEOUT_S = "20"
 HEARTBEAT_CHECK_S = "5"
+# Seconds Redis stays down: long enough for a running shard to finish and the
+# scheduler to have the next ones to send meanwhile.
+BROKER_DOWN_S = 10.0
 HOST = socket.gethostname()
 
 
@@ -73,7 +77,6 @@ def celery_live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveAirflo
     base.update({
         "CNN_FEATURES_HOME": str(home),
         "CNN_FEATURES_BATCH_SIZE": "8",
-        "CNN_FEATURES_TEST_FAULT": f"slow={SLOW_S}",
         "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": HEARTBEAT_TIMEOUT_S,
         "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": HEARTBEAT_CHECK_S,
     })
@@ -229,7 +232,7 @@ def test_celery_worker_killed_mid_shard_is_retried_on_the_other_worker(celery_li
     live = celery_live
     # Both workers serve the default queue; without a GPU queue the shards go there, so either may run them.
     for name in ("worker-cpu", "worker-gpu"):
-        live.stack.restart(name, extra_env={"CNN_FEATURES_GPU_QUEUE": ""}, grace_s=60)
+        live.stack.restart(name, extra_env={"CNN_FEATURES_GPU_QUEUE": "", "CNN_FEATURES_TEST_FAULT": f"slow={SLOW_S}"}, grace_s=60)
     live.stack.wait_healthy()
     killed = ""
     try:
@@ -260,15 +263,17 @@ def test_celery_worker_killed_mid_shard_is_retried_on_the_other_worker(celery_li
 
 
 def test_broker_restart_mid_run_the_run_completes(celery_live: LiveAirflow) -> None:
-    """Stop Redis while shards run and start it again: workers reconnect, queued messages survive, the run succeeds."""
+    """Stop Redis while shards run and start it again: workers and scheduler reconnect, the remaining shards run, the run succeeds."""
     live = celery_live
     redis = live.stack.redis
     assert redis is not None
-    conf = live.conf("celery_broker", shard_size=120)
+    conf = live.conf("celery_broker", datasets=("ravdess",), shard_size=50)
     run_id = live.trigger(conf)
-    live.wait_for_progress(run_id, lambda run: run.done >= 16)
+    before = live.wait_for_progress(run_id, lambda run: run.done >= 16)
+    assert before.done < before.total  # shards are left that must go through the restarted broker
     redis.stop()
     wait_for(lambda: live.stack.workers() == {} or None, timeout_s=30, what="the broker to be gone")
+    time.sleep(BROKER_DOWN_S)
     redis.start()
     run = live.api.wait_run(DAG_ID, run_id)
     assert run["state"] == "success"
