@@ -12,6 +12,11 @@ into one 256-d CNN feature vector per clip, then triggers `emotion_training`.
    each shard in fresh worker processes: on the GPU when the probe found one
    (or `device=gpu`), re-run on CPU with CUDA hidden if the GPU worker fails.
    Existing valid features are skipped, every file is written atomically.
+   With CeleryExecutor, **route_gpu_shards** first sends every shard to
+   `extract_shard_gpu` (the GPU queue and pool, `CNN_FEATURES_GPU_QUEUE` /
+   `CNN_FEATURES_GPU_POOL`) when a live worker serves the GPU queue;
+   **route_cpu_shards** leaves the rest to `extract_shard` (default queue).
+   Each result names the worker and queue that ran it.
 4. **verify_features** checks every feature and its lineage (this model made
    it from its input's current bytes) and writes
    `verification_report.json` and `manifest.json` into each output folder, and
@@ -36,6 +41,7 @@ not survive the `fork()` the task supervisor uses to start tasks.
 
 from __future__ import annotations
 
+import logging
 from datetime import timedelta
 from typing import Any
 
@@ -45,8 +51,35 @@ from airflow.sdk.exceptions import AirflowFailException, AirflowNotFoundExceptio
 
 from cnn_features.config import load_settings
 
+log = logging.getLogger(__name__)
 SETTINGS = load_settings()
 FEATURES_ASSET = Asset(name="cnn_features", uri=SETTINGS.features_root.as_uri())
+
+
+def celery_live_queues() -> dict[str, list[str]]:
+    """Return each live Celery worker (``name@host``) with the queues it consumes, asking Airflow's Celery app.
+
+    Raises:
+        ConnectionError: the broker could not be reached.
+    """
+    from airflow.providers.celery.executors.celery_executor_utils import app
+    from kombu.exceptions import OperationalError
+    from redis.exceptions import RedisError
+
+    try:
+        answers = app.control.inspect(timeout=5.0).active_queues() or {}
+    except (OperationalError, RedisError) as exc:
+        msg = f"Celery broker: {exc}"
+        raise ConnectionError(msg) from exc
+    return {worker: [q["name"] for q in queues] for worker, queues in answers.items()}
+
+
+def worker_identity(hostname: str | None, queue: str) -> dict[str, Any]:
+    """Return who ran a task: the host, the Celery worker (``name@host``, None without Celery) and the queue."""
+    from celery import current_task
+
+    celery_worker = current_task.request.hostname if current_task else None
+    return {"hostname": hostname, "celery_worker": celery_worker, "queue": queue}
 
 
 def s3_access(params: dict[str, Any]) -> Any:
@@ -150,6 +183,22 @@ def cnn_feature_extraction() -> None:
         write_plan(run_folder(SETTINGS.progress_root, run_id), run_id, shards)
         return shards
 
+    @task
+    def route_gpu_shards(shards: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Give every shard to the GPU workers when a live one serves the GPU queue; else none."""
+        from cnn_features.routing import choose_route
+
+        route = choose_route(gpu_queue=SETTINGS.gpu_queue, live_queues=celery_live_queues)
+        log.info("shards go to %s: %s", "GPU workers" if route.gpu else "CPU workers", route.reason)
+        return list(shards) if route.gpu else []
+
+    @task
+    def route_cpu_shards(shards: list[dict[str, Any]], gpu_shards: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Leave the shards the GPU workers do not take to the default queue."""
+        from cnn_features.routing import remaining
+
+        return remaining(shards, gpu_shards)
+
     @task(
         map_index_template="{{ task.op_kwargs['shard']['label'] }}",
         max_active_tis_per_dagrun=SETTINGS.shard_concurrency,
@@ -158,20 +207,24 @@ def cnn_feature_extraction() -> None:
     def extract_shard(shard: dict[str, Any], probe: dict[str, Any]) -> dict[str, Any]:
         """Extract one shard in fresh worker processes, GPU first when chosen, CPU on failure."""
         from cnn_features.progress import run_folder
+        from cnn_features.routing import shard_device
         from cnn_features.runner import run_shard
         from cnn_features.s3 import is_s3
 
         context = get_current_context()
         params = dict(context["params"])
-        return run_shard(
+        queue = context["task"].queue
+        result = run_shard(
             {**shard, "run_id": context["run_id"]},  # named in each feature's lineage
-            requested_device=params["device"],
+            requested_device=shard_device(params["device"], on_gpu_queue=bool(SETTINGS.gpu_queue) and queue == SETTINGS.gpu_queue),
             probe=probe,
             progress_dir=run_folder(SETTINGS.progress_root, context["run_id"]),
             access=s3_access(params) if is_s3(shard["input"]) or is_s3(shard["output"]) else None,
         )
+        result["worker"] = worker_identity(context["ti"].hostname, queue)
+        return result
 
-    @task(retries=0, multiple_outputs=True)
+    @task(retries=0, multiple_outputs=True, trigger_rule="none_failed")
     def verify_features(shards: list[dict[str, Any]], results: list[dict[str, Any]]) -> dict[str, Any]:
         """Check every feature file; write reports, manifests and plots; fail listing every problem."""
         from cnn_features.errors import VerificationFailed
@@ -207,8 +260,15 @@ def cnn_feature_extraction() -> None:
 
     probe = probe_gpu()
     shards = plan_shards()  # independent of the probe: the two may run side by side
-    results = extract_shard.partial(probe=probe).expand(shard=shards)
-    verified = verify_features(shards, results)
+    gpu_shards = route_gpu_shards(shards)
+    cpu_results = extract_shard.partial(probe=probe).expand(shard=route_cpu_shards(shards, gpu_shards))
+    # The same task on the GPU queue, GPU shards capped by the GPU pool's slots (one per GPU).
+    extract_shard_gpu = extract_shard.override(
+        task_id="extract_shard_gpu", queue=SETTINGS.gpu_task_queue, pool=SETTINGS.gpu_task_pool
+    )
+    gpu_results = extract_shard_gpu.partial(probe=probe).expand(shard=gpu_shards)
+    # One of the two extraction tasks maps no shard and is skipped: verification runs unless one failed.
+    verified = verify_features(shards, cpu_results.concat(gpu_results))
     TriggerDagRunOperator(
         task_id="trigger_training",
         trigger_dag_id="emotion_training",

@@ -99,7 +99,7 @@ if [ ! -f "$stamp" ]; then
     fi
     quiet .venv/bin/python -m pip install --disable-pip-version-check --no-deps -e .
     TF_CPP_MIN_LOG_LEVEL=2 quiet .venv/bin/python -c \
-        "import airflow, tensorflow, keras, jax, numpy, boto3, psycopg2, asyncpg, matplotlib, pytest, cnn_features"
+        "import airflow, airflow.providers.celery, celery, redis, tensorflow, keras, jax, numpy, boto3, psycopg2, asyncpg, matplotlib, pytest, cnn_features"
     rm -f .venv/.installed-*
     touch "$stamp"
 fi

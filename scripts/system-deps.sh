@@ -4,6 +4,8 @@
 #   chromium    the headless browser of the progress-page test
 #   e2fsprogs   chattr, which makes a folder read-only even for root (a shard's
 #               "real" failure in the tests)
+#   redis-server  the Celery broker of `bash scripts/airflow.sh --celery` and
+#               the live Celery tests
 # Idempotent: when every package is installed it changes nothing and needs no
 # network. Without apt-get, or without root or password-less sudo, it says so
 # and installs nothing; the tests that need a missing package are then skipped
@@ -14,7 +16,7 @@
 set -euo pipefail
 packages=("$@")
 if [ ${#packages[@]} -eq 0 ]; then
-    packages=(postgresql chromium e2fsprogs)
+    packages=(postgresql chromium e2fsprogs redis-server)
 fi
 missing=()
 for pkg in "${packages[@]}"; do
@@ -38,8 +40,8 @@ else
     exit 0
 fi
 echo "system-deps: installing ${missing[*]}" >&2
-# Installing postgresql would start its default cluster (port 5432) and leave
-# it running; the tests start their own. Forbid service starts during the
+# Installing postgresql (or redis-server) would start its default server and
+# leave it running; the tests start their own. Forbid service starts during the
 # install, unless the machine already has a policy (Docker images do).
 policy=/usr/sbin/policy-rc.d
 if [ ! -e "$policy" ]; then

@@ -71,6 +71,18 @@ DEFAULT_CROSSCHECK_SAMPLE = 16
 # 1 reader kept the stage at 0.36 of bare np.load, 8 readers at 0.24 (the GIL
 # hand-offs cost more than the reads they overlap), so one is the default.
 DEFAULT_GPU_READ_THREADS = 1
+# Airflow's default queue ([operators] default_queue): CPU shards and every
+# other task run there.
+DEFAULT_QUEUE = "default"
+# The Celery queue only GPU workers consume. Empty: the deployment has no GPU
+# queue (LocalExecutor, or Celery with CPU workers only), and every shard runs
+# on the default queue.
+DEFAULT_GPU_QUEUE = ""
+# The Airflow pool capping the GPU shards running at once; the deployment
+# creates it with one slot per GPU (scripts/airflow_local.py, docker-compose.yaml).
+DEFAULT_GPU_POOL = "gpu"
+# Characters a queue or pool name may hold: Celery queue names become Redis keys.
+_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 
 
 class SettingsError(ValueError):
@@ -122,6 +134,16 @@ def _env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
     return raw
 
 
+def _env_name(name: str, default: str) -> str:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    if not set(raw) <= _NAME_CHARS:
+        msg = f"{name}={raw!r}: expected letters, digits, '-', '_' or '.'"
+        raise SettingsError(msg)
+    return raw
+
+
 @dataclass(frozen=True)
 class Settings:
     """Where data lives and how the pipeline runs, for one deployment."""
@@ -144,6 +166,18 @@ class Settings:
     pass_memory_mb: int = DEFAULT_PASS_MEMORY_MB
     gpu_read_threads: int = DEFAULT_GPU_READ_THREADS
     progress_dir: Path | None = None
+    gpu_queue: str = DEFAULT_GPU_QUEUE
+    gpu_pool: str = DEFAULT_GPU_POOL
+
+    @property
+    def gpu_task_queue(self) -> str:
+        """Return the queue of the GPU extraction task: the GPU queue, or the default one where there is none."""
+        return self.gpu_queue or DEFAULT_QUEUE
+
+    @property
+    def gpu_task_pool(self) -> str:
+        """Return the pool of the GPU extraction task: the GPU pool, or Airflow's default pool where there is no GPU queue."""
+        return self.gpu_pool if self.gpu_queue else "default_pool"
 
     @property
     def demo_input_root(self) -> Path:
@@ -215,4 +249,6 @@ def load_settings() -> Settings:
         pass_memory_mb=_env_int("CNN_FEATURES_PASS_MEMORY_MB", DEFAULT_PASS_MEMORY_MB, minimum=0),
         gpu_read_threads=_env_int("CNN_FEATURES_GPU_READ_THREADS", DEFAULT_GPU_READ_THREADS, minimum=1),
         progress_dir=_env_path("CNN_FEATURES_PROGRESS_ROOT", Path()).resolve() if os.environ.get("CNN_FEATURES_PROGRESS_ROOT", "").strip() else None,
+        gpu_queue=_env_name("CNN_FEATURES_GPU_QUEUE", DEFAULT_GPU_QUEUE),
+        gpu_pool=_env_name("CNN_FEATURES_GPU_POOL", DEFAULT_GPU_POOL),
     )

@@ -32,7 +32,8 @@ print("REPORT " + json.dumps({
             "tags": sorted(dag.tags),
             "doc_md": bool(dag.doc_md),
             "params": {k: {"title": p.schema.get("title"), "description": p.description or p.schema.get("description")} for k, p in dag.params.items()},
-            "tasks": {t.task_id: {"retries": t.retries, "map_index_template": getattr(t, "map_index_template", None)} for t in dag.tasks},
+            "tasks": {t.task_id: {"retries": t.retries, "map_index_template": getattr(t, "map_index_template", None),
+                                  "queue": t.queue, "pool": t.pool, "trigger_rule": getattr(t.trigger_rule, "value", t.trigger_rule)} for t in dag.tasks},
         }
         for dag_id, dag in bag.dags.items()
     },
@@ -40,14 +41,18 @@ print("REPORT " + json.dumps({
 """
 
 
-@pytest.fixture(scope="module")
-def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    home = tmp_path_factory.mktemp("airflow")
-    env = {**os.environ, "AIRFLOW_HOME": str(home), "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "CNN_FEATURES_HOME": str(home / "data")}
+def _load(home: Path, **extra: str) -> dict[str, Any]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CNN_FEATURES_GPU_")}
+    env.update({"AIRFLOW_HOME": str(home), "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "CNN_FEATURES_HOME": str(home / "data"), **extra})
     proc = subprocess.run([sys.executable, "-c", _INSPECT, str(DAGS)], env=env, capture_output=True, text=True, check=False, timeout=300)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("REPORT ")]
     assert lines, f"DagBag load failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
     return json.loads(lines[-1][len("REPORT ") :])
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return _load(tmp_path_factory.mktemp("airflow"))
 
 
 def test_every_dag_file_imports_without_errors(report: dict[str, Any]) -> None:
@@ -72,10 +77,32 @@ def test_dags_have_tags_docs_and_retries(report: dict[str, Any]) -> None:
 
 
 def test_extraction_dag_shape(report: dict[str, Any]) -> None:
-    """probe_gpu, plan_shards, extract_shard (named per shard), verify_features, trigger_training."""
+    """probe_gpu, plan_shards, the two routes, extract_shard and extract_shard_gpu (named per shard), verify_features, trigger_training."""
     tasks = report["dags"]["cnn_feature_extraction"]["tasks"]
-    assert set(tasks) == {"probe_gpu", "plan_shards", "extract_shard", "verify_features", "trigger_training"}
-    assert "label" in tasks["extract_shard"]["map_index_template"]
+    assert set(tasks) == {
+        "probe_gpu", "plan_shards", "route_gpu_shards", "route_cpu_shards", "extract_shard", "extract_shard_gpu",
+        "verify_features", "trigger_training",
+    }
+    for name in ("extract_shard", "extract_shard_gpu"):
+        assert "label" in tasks[name]["map_index_template"], name
+        assert tasks[name]["retries"] >= 1, name
+    # One extraction task maps no shard and is skipped; verification must still run.
+    assert tasks["verify_features"]["trigger_rule"] == "none_failed"
+
+
+def test_without_a_gpu_queue_every_task_uses_the_default_queue_and_pool(report: dict[str, Any]) -> None:
+    """With no CNN_FEATURES_GPU_QUEUE (LocalExecutor, CPU-only Celery) no task names a queue or pool that may not exist."""
+    tasks = report["dags"]["cnn_feature_extraction"]["tasks"]
+    assert {t["queue"] for t in tasks.values()} == {"default"}
+    assert {t["pool"] for t in tasks.values()} == {"default_pool"}
+
+
+def test_gpu_shards_go_to_the_gpu_queue_and_pool(tmp_path: Path) -> None:
+    """With CNN_FEATURES_GPU_QUEUE/POOL set, extract_shard_gpu is on that queue and pool, and every other task on the default ones."""
+    tasks = _load(tmp_path, CNN_FEATURES_GPU_QUEUE="gpu-a100", CNN_FEATURES_GPU_POOL="a100s")["dags"]["cnn_feature_extraction"]["tasks"]
+    assert (tasks["extract_shard_gpu"]["queue"], tasks["extract_shard_gpu"]["pool"]) == ("gpu-a100", "a100s")
+    others = {name: (t["queue"], t["pool"]) for name, t in tasks.items() if name != "extract_shard_gpu"}
+    assert set(others.values()) == {("default", "default_pool")}, others
 
 
 def test_params_have_titles_and_descriptions(report: dict[str, Any]) -> None:

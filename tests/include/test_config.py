@@ -31,7 +31,11 @@ def test_values_are_coerced_from_strings(monkeypatch: pytest.MonkeyPatch, tmp_pa
     assert (settings.home, settings.shard_size, settings.probe_timeout_s) == (tmp_path, 250, 2.5)
 
 
-@pytest.mark.parametrize(("name", "value"), [("CNN_FEATURES_SHARD_SIZE", "lots"), ("CNN_FEATURES_BATCH_SIZE", "0")])
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("CNN_FEATURES_SHARD_SIZE", "lots"), ("CNN_FEATURES_BATCH_SIZE", "0"), ("CNN_FEATURES_GPU_QUEUE", "gpu queue"),
+     ("CNN_FEATURES_GPU_POOL", "gpu/pool")],
+)
 def test_bad_values_name_the_variable(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
     """A value that is not a number, or out of range, names the variable."""
     monkeypatch.setenv(name, value)
@@ -46,3 +50,15 @@ def test_progress_records_go_where_the_deployment_says(monkeypatch: pytest.Monke
     assert load_settings().progress_root == tmp_path / "home" / "progress"
     monkeypatch.setenv("CNN_FEATURES_PROGRESS_ROOT", str(tmp_path / "shared" / "progress"))
     assert load_settings().progress_root == tmp_path / "shared" / "progress"
+
+
+def test_gpu_queue_and_pool(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No GPU queue by default: the GPU extraction task then sits on the default queue and pool; set, it uses them."""
+    monkeypatch.delenv("CNN_FEATURES_GPU_QUEUE", raising=False)
+    monkeypatch.delenv("CNN_FEATURES_GPU_POOL", raising=False)
+    settings = load_settings()
+    assert (settings.gpu_queue, settings.gpu_task_queue, settings.gpu_task_pool) == ("", "default", "default_pool")
+    monkeypatch.setenv("CNN_FEATURES_GPU_QUEUE", "gpu")
+    monkeypatch.setenv("CNN_FEATURES_GPU_POOL", "h100s")
+    settings = load_settings()
+    assert (settings.gpu_task_queue, settings.gpu_task_pool) == ("gpu", "h100s")

@@ -1,0 +1,290 @@
+"""The CeleryExecutor stack on loopback: PostgreSQL, Redis, the Airflow services, a CPU and a GPU Celery worker.
+
+The stack is what ``bash scripts/airflow.sh --celery`` starts (the same
+``AirflowStack`` and service table), with shorter task heartbeat timeouts so
+a lost worker is noticed in seconds. Both workers share this machine and the
+data folder; the "GPU" worker has no GPU here, so its shards fall back to CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cnn_features.demo import generate
+from cnn_features.storage import check_feature_file
+from tests.e2e.live import DAG_ID, REPO, LiveAirflow, wait_for
+from tests.e2e.test_live_faults import workers_of
+
+from airflow_local import (  # scripts/ is on sys.path through tests.e2e.live
+    ADMIN_USER,
+    AirflowApi,
+    AirflowStack,
+    LocalPostgres,
+    LocalRedis,
+    PostgresUnavailable,
+    RedisUnavailable,
+    ServiceError,
+    airflow_env,
+    descendants,
+    free_port,
+    postgres_bindir,
+    redis_server_binary,
+)
+
+pytestmark = pytest.mark.e2e
+
+FRAMES = 48
+# Each shard worker sleeps this long after each batch of 8 (CNN_FEATURES_TEST_FAULT=slow)
+# in the worker-kill test, so its shard stays in progress long enough to kill it mid-shard.
+SLOW_S = "0.3"
+# Seconds without a task heartbeat before the scheduler fails the try (default 300),
+# and how often it looks (default 10): a killed worker's shard is retried within a minute.
+HEARTBEAT_TIMEOUT_S = "20"
+HEARTBEAT_CHECK_S = "5"
+HOST = socket.gethostname()
+
+
+@pytest.fixture(scope="module")
+def celery_live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveAirflow]:
+    """The Celery stack with a demo corpus, stopped after this module, also on failure."""
+    try:
+        postgres_bindir()
+        redis_server_binary()
+    except (PostgresUnavailable, RedisUnavailable) as exc:
+        pytest.skip(f"{exc}; the README test command (bash scripts/test.sh) installs it")
+    root = tmp_path_factory.mktemp("celery")
+    pg_root = Path(tempfile.mkdtemp(prefix="cnn-e2e-celery-pg-", dir="/tmp"))  # reachable by user postgres
+    home = root / "data"
+    counts = generate(home / "demo", frames=FRAMES)
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "CNN_FEATURES_"))}
+    base.update({
+        "CNN_FEATURES_HOME": str(home),
+        "CNN_FEATURES_BATCH_SIZE": "8",
+        "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": HEARTBEAT_TIMEOUT_S,
+        "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": HEARTBEAT_CHECK_S,
+    })
+    postgres = LocalPostgres(pg_root, durable=False)
+    redis = LocalRedis(root / "redis")
+    stack: AirflowStack | None = None
+    api: AirflowApi | None = None
+    try:
+        db_url = postgres.start()
+        broker_url = redis.start()
+        stack = AirflowStack(airflow_env(home=root / "airflow", port=free_port(), base=base, db_url=db_url, broker_url=broker_url))
+        stack.redis = redis
+        stack.migrate()
+        stack.start_all()
+        stack.wait_healthy()
+        api = AirflowApi(stack.url, ADMIN_USER, stack.admin_password())
+        live = LiveAirflow(stack=stack, postgres=postgres, api=api, home=home, corpus=home / "demo", counts=counts)
+        wait_for(lambda: api.request("GET", f"/api/v2/dags/{DAG_ID}").status_code == 200,
+                 timeout_s=300, what="the extraction DAG to be parsed", interval_s=2.0)
+        api.call("PATCH", "/api/v2/dags/emotion_training", json={"is_paused": True})  # training is not under test here
+        yield live
+    except ServiceError as exc:
+        logs = "\n".join(f"--- {name}:\n{p.log_tail(30)}" for name, p in (stack.processes.items() if stack else []))
+        pytest.fail(f"Celery stack failed: {exc}\n{logs}")
+    finally:
+        if api is not None:
+            api.close()
+        if stack is not None:
+            stack.stop_all()
+        redis.stop()
+        postgres.stop()
+        shutil.rmtree(pg_root, ignore_errors=True)
+
+
+def test_documented_celery_command_starts_the_stack_and_stops_it_all_on_ctrl_c(tmp_path: Path) -> None:
+    """`airflow_local.py --celery` (`bash scripts/airflow.sh --celery`) starts both workers on a loopback Redis with a password; Ctrl-C stops all."""
+    try:
+        postgres_bindir()
+        redis_server_binary()
+    except (PostgresUnavailable, RedisUnavailable) as exc:
+        pytest.skip(f"{exc}; the README test command (bash scripts/test.sh) installs it")
+    pg_root = Path(tempfile.mkdtemp(prefix="cnn-e2e-celery-cmd-pg-", dir="/tmp"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "CNN_FEATURES_"))}
+    env.update({"AIRFLOW_HOME": str(tmp_path / "airflow"), "CNN_FEATURES_HOME": str(tmp_path / "data"),
+                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"})
+    port = free_port()
+    out = tmp_path / "airflow_local.out"
+    with open(out, "wb") as fh:
+        proc = subprocess.Popen(
+            [sys.executable, str(REPO / "scripts" / "airflow_local.py"), "--celery", "--port", str(port), "--pg-root", str(pg_root)],
+            env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    pids: list[int] = []
+    try:
+        wait_for(lambda: "Press Ctrl-C" in out.read_text() or proc.poll() is not None, timeout_s=400,
+                 what="the documented command to start the Celery stack")
+        text = out.read_text()
+        assert proc.poll() is None, text[-3000:]
+        assert f"Airflow is up on http://127.0.0.1:{port} (PostgreSQL metadata DB, CeleryExecutor, Redis broker on 127.0.0.1:" in text
+        assert f"worker:         cpu@{HOST} on queues default\n" in text
+        assert f"worker:         gpu@{HOST} on queues default, gpu\n" in text
+        redis_dir = tmp_path / "airflow" / "redis"
+        password = (redis_dir / "password").read_text().strip()
+        assert password not in text
+        for secret in (redis_dir / "password", redis_dir / "redis.conf"):
+            assert secret.stat().st_mode & 0o077 == 0, secret
+        conf = (redis_dir / "redis.conf").read_text()
+        assert "bind 127.0.0.1\n" in conf and f"requirepass {password}\n" in conf
+        pids = [int(m) for m in re.findall(r"started \(pid (\d+)\)", out.read_text())]
+        assert len(pids) == 8  # PostgreSQL, Redis, the four Airflow services, two workers
+        for pid in pids:
+            assert password not in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=180)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        shutil.rmtree(pg_root, ignore_errors=True)
+    assert proc.returncode == 0, out.read_text()[-3000:]
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    with socket.socket() as sock:
+        assert sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+def _results(live: LiveAirflow, run_id: str, task_id: str) -> list[dict[str, Any]]:
+    """Return the XCom result of every mapped instance of ``task_id`` in a run."""
+    out = []
+    for ti in live.api.mapped(DAG_ID, run_id, task_id):
+        path = f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries/return_value"
+        out.append(live.api.call("GET", path, params={"map_index": ti["map_index"], "deserialize": True})["value"])
+    return out
+
+
+def _all_features_valid(live: LiveAirflow, conf: dict[str, Any]) -> None:
+    for name, dataset in conf["datasets"].items():
+        features = sorted(Path(dataset["output"]).rglob("*.npy"))
+        assert len(features) == live.counts[name], name
+        assert all(check_feature_file(p, feature_dim=256) is None for p in features), name
+
+
+def test_shards_run_on_the_gpu_worker_and_results_name_it(celery_live: LiveAirflow) -> None:
+    """With a live GPU worker every shard runs on the GPU queue, and each result names gpu@host and queue gpu."""
+    live = celery_live
+    assert set(live.stack.workers()) == {f"cpu@{HOST}", f"gpu@{HOST}"}
+    conf = live.conf("celery_gpu", datasets=("ravdess",), shard_size=100)
+    run_id = live.trigger(conf)
+    assert live.api.wait_run(DAG_ID, run_id)["state"] == "success"
+    results = _results(live, run_id, "extract_shard_gpu")
+    assert len(results) == 2
+    hosts = {ti["hostname"] for ti in live.api.mapped(DAG_ID, run_id, "extract_shard_gpu")}
+    assert {(r["worker"]["celery_worker"], r["worker"]["queue"], r["worker"]["hostname"]) for r in results} == {
+        (f"gpu@{HOST}", "gpu", *hosts)
+    }
+    assert all(r["device"] == "cpu" for r in results)  # no GPU here: the GPU try fell back to CPU
+    assert live.api.mapped(DAG_ID, run_id, "extract_shard") == []
+    _all_features_valid(live, conf)
+
+
+def test_without_a_gpu_worker_the_run_completes_on_cpu_workers(celery_live: LiveAirflow) -> None:
+    """With the GPU worker stopped, no shard waits for it: all go to the default queue and the CPU worker runs them."""
+    live = celery_live
+    live.stack.stop("worker-gpu", grace_s=60)
+    try:
+        wait_for(lambda: set(live.stack.workers()) == {f"cpu@{HOST}"} or None, timeout_s=60, what="only the CPU worker live")
+        conf = live.conf("celery_cpu", datasets=("ravdess",), shard_size=100)
+        run_id = live.trigger(conf)
+        assert live.api.wait_run(DAG_ID, run_id)["state"] == "success"
+        results = _results(live, run_id, "extract_shard")
+        assert len(results) == 2
+        assert {(r["worker"]["celery_worker"], r["worker"]["queue"]) for r in results} == {(f"cpu@{HOST}", "default")}
+        _all_features_valid(live, conf)
+    finally:
+        live.stack.start("worker-gpu")
+        live.stack.wait_healthy()
+
+
+def _celery_worker_running(live: LiveAirflow, shard_worker: int) -> str:
+    """Return the stack service (worker-cpu or worker-gpu) whose process tree holds ``shard_worker``."""
+    for name in ("worker-cpu", "worker-gpu"):
+        process = live.stack.processes[name]
+        if process.pid is not None and shard_worker in descendants(process.pid):
+            return name
+    msg = f"shard worker {shard_worker} belongs to no Celery worker"
+    raise AssertionError(msg)
+
+
+def test_celery_worker_killed_mid_shard_is_retried_on_the_other_worker(celery_live: LiveAirflow) -> None:
+    """SIGKILL a Celery worker and everything under it mid-shard: the shard's try times out and its retry runs on the other worker."""
+    live = celery_live
+    # Both workers serve the default queue; without a GPU queue the shards go there, so either may run them.
+    for name in ("worker-cpu", "worker-gpu"):
+        live.stack.restart(name, extra_env={"CNN_FEATURES_GPU_QUEUE": "", "CNN_FEATURES_TEST_FAULT": f"slow={SLOW_S}"}, grace_s=60)
+    live.stack.wait_healthy()
+    killed = ""
+    try:
+        conf = live.conf("celery_kill", datasets=("ravdess",), shard_size=1000)
+        run_id = live.trigger(conf)
+        live.wait_for_progress(run_id, lambda run: run.done >= 16)
+        (shard_worker,) = wait_for(lambda: workers_of(live.home) or None, timeout_s=60, what="the shard worker process")
+        killed = _celery_worker_running(live, shard_worker)
+        process = live.stack.processes[killed]
+        assert process.pid is not None
+        tree = descendants(process.pid) | {process.pid}
+        for pid in tree:  # the whole host goes: worker, its pool, the task supervisor and the shard worker
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        survivor = "gpu" if killed == "worker-cpu" else "cpu"
+        run = live.api.wait_run(DAG_ID, run_id)
+        assert run["state"] == "success"
+        (ti,) = live.api.mapped(DAG_ID, run_id, "extract_shard")
+        assert ti["try_number"] >= 2
+        (result,) = _results(live, run_id, "extract_shard")
+        assert result["worker"]["celery_worker"] == f"{survivor}@{HOST}"
+        assert result["skipped_existing"] > 0  # the retry kept what the killed try had written
+        _all_features_valid(live, conf)
+    finally:
+        for name in ("worker-cpu", "worker-gpu"):
+            live.stack.restart(name, grace_s=60)
+        live.stack.wait_healthy()
+
+
+def test_broker_restart_mid_run_costs_one_try_per_unsent_task_and_the_run_completes(celery_live: LiveAirflow) -> None:
+    """Redis down mid-run: each shard the scheduler sends meanwhile fails to send and goes up for retry; Redis back, the retries run and the run succeeds."""
+    live = celery_live
+    redis = live.stack.redis
+    assert redis is not None
+    conf = live.conf("celery_broker", datasets=("ravdess",), shard_size=50)
+    run_id = live.trigger(conf)
+    before = live.wait_for_progress(run_id, lambda run: run.done >= 16)
+    assert before.done < before.total  # shards are left that must go through the broker
+    redis.stop()
+    try:
+        wait_for(lambda: live.stack.workers() == {} or None, timeout_s=30, what="the broker to be gone")
+
+        def unsent() -> list[dict[str, Any]] | None:
+            tis = live.api.mapped(DAG_ID, run_id, "extract_shard_gpu")
+            return [ti for ti in tis if ti["state"] == "up_for_retry"] or None
+
+        # The running shard finishes meanwhile; the next one the scheduler sends cannot reach the broker.
+        lost = wait_for(unsent, timeout_s=120, what="a shard sent while the broker is down")
+    finally:
+        redis.start()
+    run = live.api.wait_run(DAG_ID, run_id)
+    assert run["state"] == "success"
+    retried = {ti["map_index"]: ti for ti in live.api.mapped(DAG_ID, run_id, "extract_shard_gpu")}
+    for ti in lost:
+        assert retried[ti["map_index"]]["try_number"] >= 2, ti
+    assert "Error sending Celery workload" in live.stack.processes["scheduler"].log_tail(2000)
+    wait_for(lambda: set(live.stack.workers()) == {f"cpu@{HOST}", f"gpu@{HOST}"} or None, timeout_s=120,
+             what="both workers back on the broker")
+    _all_features_valid(live, conf)
