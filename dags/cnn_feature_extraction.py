@@ -8,6 +8,10 @@ into one 256-d CNN feature vector per clip, then triggers `emotion_training`.
    there means "no usable GPU", never a failed run.
 2. **plan_shards** validates the conf, checks the model in a fresh process and
    cuts each dataset into stable shards (`ravdess-0003` always holds the same files).
+   Each dataset's plan is written into its output as `_plans/<sha256>.json`;
+   only small references to it travel between tasks. When the shards would
+   outnumber `[core] max_map_length`, the shard size is raised to fit (logged,
+   and shown on the progress page).
 3. **extract_shard** (one per shard, named e.g. `ravdess 3/6` in the grid) runs
    each shard in fresh worker processes: on the GPU when the probe found one
    (or `device=gpu`), re-run on CPU with CUDA hidden if the GPU worker fails.
@@ -129,7 +133,13 @@ def cnn_feature_extraction() -> None:
 
     @task
     def plan_shards() -> list[dict[str, Any]]:
-        """Validate the conf, check the model, and list every shard."""
+        """Validate the conf, check the model, write each dataset's shard plan into its output; return one reference per shard.
+
+        The plan index (each dataset's output and plan digest) is pushed once
+        as XCom ``plans``: the file lists never travel through XCom.
+        """
+        from airflow.sdk import conf as airflow_conf
+
         from cnn_features import plan
         from cnn_features.errors import InvalidConf, ModelError, OutputConflict
 
@@ -139,53 +149,71 @@ def cnn_feature_extraction() -> None:
         params = dict(context["params"])
         run_id = context["run_id"]
         access = s3_access(params) if plan.uses_s3(params) else None
+        max_shards = airflow_conf.getint("core", "max_map_length", fallback=1024)
         try:
             conf = plan.validate_conf(params, SETTINGS, access=access)
             model = plan.check_model(conf.model_path, SETTINGS)
-            shards = plan.plan_run(conf, model, batch_size=SETTINGS.batch_size, settings=SETTINGS, access=access)
+            run_plan = plan.make_plan(
+                conf, model, batch_size=SETTINGS.batch_size, max_shards=max_shards, settings=SETTINGS, access=access
+            )
+            refs, plans = plan.publish_plan(run_plan.shards, settings=SETTINGS, access=access)
         except (InvalidConf, ModelError, OutputConflict) as exc:
             write_plan_error(run_folder(SETTINGS.progress_root, run_id), run_id, str(exc))
             raise AirflowFailException(str(exc)) from None
-        write_plan(run_folder(SETTINGS.progress_root, run_id), run_id, shards)
-        return shards
+        write_plan(run_folder(SETTINGS.progress_root, run_id), run_id, run_plan.shards, note=run_plan.note)
+        context["ti"].xcom_push(key="plans", value=plans)  # each dataset's output and plan digest, once per run
+        return refs
 
     @task(
         map_index_template="{{ task.op_kwargs['shard']['label'] }}",
         max_active_tis_per_dagrun=SETTINGS.shard_concurrency,
         execution_timeout=timedelta(hours=6),
     )
-    def extract_shard(shard: dict[str, Any], probe: dict[str, Any]) -> dict[str, Any]:
-        """Extract one shard in fresh worker processes, GPU first when chosen, CPU on failure."""
+    def extract_shard(shard: dict[str, Any], plans: dict[str, Any], probe: dict[str, Any]) -> str:
+        """Extract one shard in fresh worker processes, GPU first when chosen, CPU on failure; return its id."""
+        from cnn_features.errors import PlanMismatch
+        from cnn_features.plan import load_shard
         from cnn_features.progress import run_folder
         from cnn_features.runner import run_shard
         from cnn_features.s3 import is_s3
 
         context = get_current_context()
         params = dict(context["params"])
-        return run_shard(
-            shard,
+        output = plans.get(shard["dataset"], {}).get("output", "")
+        access = s3_access(params) if is_s3(output) else None
+        try:
+            spec = load_shard(shard, plans, settings=SETTINGS, access=access)
+        except PlanMismatch as exc:  # a changed plan file stays changed: retrying cannot help
+            raise AirflowFailException(str(exc)) from None
+        result = run_shard(
+            spec,
             requested_device=params["device"],
             probe=probe,
             progress_dir=run_folder(SETTINGS.progress_root, context["run_id"]),
-            access=s3_access(params) if is_s3(shard["input"]) or is_s3(shard["output"]) else None,
+            access=access or (s3_access(params) if is_s3(spec["input"]) else None),
         )
+        return str(result["shard_id"])  # the whole result lies in the output's _shards/<id>.json
 
     @task(retries=0, multiple_outputs=True)
-    def verify_features(shards: list[dict[str, Any]], results: list[dict[str, Any]]) -> dict[str, Any]:
+    def verify_features(refs: list[dict[str, Any]], plans: dict[str, Any], done: list[str]) -> dict[str, Any]:
         """Check every feature file; write reports, manifests and plots; fail listing every problem."""
-        from cnn_features.errors import VerificationFailed
+        from cnn_features.errors import PlanMismatch, VerificationFailed
         from cnn_features.plots import write_run_plots
         from cnn_features.progress import run_folder
         from cnn_features.progress_report import PLOTS_DIR
         from cnn_features.verify import verify_run
 
-        from cnn_features.plan import uses_s3
+        from cnn_features.plan import load_results, load_shards, uses_s3
 
         context = get_current_context()
         params = dict(context["params"])
         access = s3_access(params) if uses_s3(params) else None
         fraction = float(params["max_bad_fraction"])
-        results = list(results)
+        try:
+            shards = load_shards(refs, plans, settings=SETTINGS, access=access)
+            results = load_results(shards, done, settings=SETTINGS, access=access)
+        except PlanMismatch as exc:
+            raise AirflowFailException(str(exc)) from None
         records = run_folder(SETTINGS.progress_root, context["run_id"])
         try:
             summary = verify_run(
@@ -200,8 +228,8 @@ def cnn_feature_extraction() -> None:
 
     probe = probe_gpu()
     shards = plan_shards()  # independent of the probe: the two may run side by side
-    results = extract_shard.partial(probe=probe).expand(shard=shards)
-    verified = verify_features(shards, results)
+    results = extract_shard.partial(plans=shards["plans"], probe=probe).expand(shard=shards)
+    verified = verify_features(shards, shards["plans"], results)
     TriggerDagRunOperator(
         task_id="trigger_training",
         trigger_dag_id="emotion_training",
