@@ -40,12 +40,12 @@ FEATURES_META = "_features.json"
 # Names of ignored (non-.npy) files carried in a plan, so a corpus folder full of
 # .wav files beside the spectrograms does not bloat it; the count is exact.
 MAX_IGNORED_LISTED = 1000
-# Folder of each output that holds its shard plans, one file per plan named by
-# its SHA-256: workers on any host read their shard's files from it.
+# Folder of each output that holds its shard plans: an index per plan and a
+# file per shard, each named by its SHA-256; workers on any host read them.
 PLANS_DIR = "_plans"
-# Version of the plan file layout (``plan_bytes``); a reader refuses another.
+# Version of the plan files' layout (``plan_files``); a reader refuses another.
 PLAN_FORMAT = 1
-# Fields every shard of one dataset shares: written once per plan file.
+# Fields every shard of one dataset shares: written once, in the plan's index.
 _PLAN_COMMON = ("dataset", "input", "output", "model", "batch_size", "count")
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 # Suffix of the only files the pipeline reads; anything else in a corpus folder
@@ -564,86 +564,102 @@ def plan_digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def plan_bytes(shards: list[dict[str, Any]]) -> bytes:
-    """Return one dataset's plan file: its shards' common fields once, then each shard's own, as compact JSON.
-
-    Deterministic (sorted keys, no time stamps): the same shards give the
-    same bytes, so the same digest and file name.
-    """
-    first = shards[0]
-    common = {key: first[key] for key in _PLAN_COMMON}
-    own = [{key: value for key, value in shard.items() if key not in _PLAN_COMMON} for shard in shards]
-    payload = {"format": PLAN_FORMAT, **common, "shards": own}
+def _json_bytes(payload: Any) -> bytes:
+    """Return ``payload`` as compact, deterministic JSON (sorted keys, no spaces)."""
     return json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def plan_files(shards: list[dict[str, Any]]) -> tuple[bytes, dict[str, bytes]]:
+    """Return one dataset's plan: its index file and each shard's file, by shard id.
+
+    A shard's file holds its own fields (files, sizes, rejected, ignored);
+    the index holds the fields every shard shares, once, and for each shard
+    its id, label and the SHA-256 of its file. So the index's digest names
+    the whole plan, and a worker reads the index and its own shard only.
+    Deterministic (sorted keys, no time stamps): the same shards give the
+    same bytes, so the same digests and file names.
+    """
+    common = {key: shards[0][key] for key in _PLAN_COMMON}
+    own = {s["shard_id"]: _json_bytes({k: v for k, v in s.items() if k not in _PLAN_COMMON}) for s in shards}
+    entries = [{"shard_id": s["shard_id"], "label": s["label"], "sha256": plan_digest(own[s["shard_id"]])} for s in shards]
+    return _json_bytes({"format": PLAN_FORMAT, **common, "shards": entries}), own
 
 
 def publish_plan(
     shards: list[dict[str, Any]], *, settings: Settings | None = None, access: S3Access | None = None
 ) -> tuple[list[dict[str, Any]], dict[str, dict[str, str]]]:
-    """Write each dataset's plan into its output as ``_plans/<sha256>.json``; return the shard references and the plan index.
+    """Write each dataset's plan into its output under ``_plans/``; return the shard references and the plan index.
 
-    The file is written whole (``Store.write``: a linked nameless file, or
-    one PUT), so a worker on any host that reaches the output reads the
-    plan. What travels through XCom is small and does not grow with the
-    files: one reference per shard (``dataset``, ``shard_id``, ``label``)
-    and, once per run, each dataset's ``output`` and plan ``digest``.
+    Every file is named by its SHA-256 (``_plans/<sha256>.json``) and written
+    whole (``Store.writer``: a linked nameless file, or one PUT each), shard
+    files first and the index last, so a worker on any host that reaches the
+    output reads the plan. What travels through XCom is small and does not
+    grow with the files: one reference per shard (``dataset``, ``shard_id``,
+    ``label``) and, once per run, each dataset's ``output`` and the digest
+    of its index.
     """
     by_dataset: dict[str, list[dict[str, Any]]] = {}
     for shard in shards:
         by_dataset.setdefault(shard["dataset"], []).append(shard)
     plans: dict[str, dict[str, str]] = {}
     for name, group in by_dataset.items():
-        data = plan_bytes(group)
-        digest = plan_digest(data)
+        index, own = plan_files(group)
+        digest = plan_digest(index)
         store = open_store(group[0]["output"], settings, access=access)
-        rel = plan_file(digest)
         try:
-            store.write(rel, data)
+            with store.writer() as writer:
+                for data in own.values():
+                    writer.put(plan_file(plan_digest(data)), data)
+                writer.flush()
+            store.write(plan_file(digest), index)
         except (OSError, StoreError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-            msg = f"datasets.{name}.output: cannot write the shard plan {store.name(rel)} ({reason})"
+            msg = f"datasets.{name}.output: cannot write the shard plan under {store.name(PLANS_DIR)} ({reason})"
             raise OutputConflict(msg) from None
-        log.info("dataset %s: plan of %d shard(s) written to %s (%d bytes)", name, len(group), store.name(rel), len(data))
+        size = len(index) + sum(len(data) for data in own.values())
+        log.info("dataset %s: plan of %d shard(s) written to %s (%d bytes)", name, len(group), store.name(plan_file(digest)), size)
         plans[name] = {"output": str(group[0]["output"]), "digest": digest}
     refs = [{"dataset": s["dataset"], "shard_id": s["shard_id"], "label": s["label"]} for s in shards]
     return refs, plans
 
 
 def plan_file(digest: str) -> str:
-    """Return where, in a dataset's output, the plan with ``digest`` lies."""
+    """Return where, in a dataset's output, the plan file with ``digest`` lies."""
     return f"{PLANS_DIR}/{digest}.json"
 
 
-def read_plan(
-    output: str, digest: str, *, settings: Settings | None = None, access: S3Access | None = None
-) -> dict[str, dict[str, Any]]:
-    """Return the shards of the plan ``digest`` in ``output``, by shard id, after checking its bytes.
-
-    Raises:
-        PlanMismatch: the file is missing or unreadable, or its SHA-256 is
-            not ``digest``; the message names the file and both digests.
-    """
+def _read_checked(store: Store, digest: str, what: str) -> Any:
+    """Return the JSON of ``_plans/<digest>.json`` after checking its SHA-256; raise PlanMismatch naming the file."""
     if not _DIGEST.fullmatch(digest):
-        msg = f"{output}: {digest!r} is not a plan digest (64 hex digits)"
+        msg = f"{store.uri}: {digest!r} is not a plan digest (64 hex digits)"
         raise PlanMismatch(msg)
-    store = open_store(output, settings, access=access)
     rel = plan_file(digest)
     try:
         data = store.read(rel)
     except StoreError as exc:
-        msg = f"{store.name(rel)}: shard plan unreadable ({exc}); re-run plan_shards"
+        msg = f"{store.name(rel)}: {what} unreadable ({exc}); re-run plan_shards"
         raise PlanMismatch(msg) from None
     found = plan_digest(data)
     if found != digest:
-        msg = f"{store.name(rel)}: shard plan has SHA-256 {found}, not {digest}; the file was changed, re-run plan_shards"
+        msg = f"{store.name(rel)}: {what} has SHA-256 {found}, not {digest}; the file was changed, re-run plan_shards"
         raise PlanMismatch(msg)
-    payload = json.loads(data)
+    return json.loads(data)
+
+
+def read_plan(store: Store, digest: str) -> dict[str, Any]:
+    """Return the checked index of the plan ``digest`` in ``store``.
+
+    Raises:
+        PlanMismatch: the file is missing or unreadable, its SHA-256 is not
+            ``digest`` (the message names the file and both digests), or it
+            is of another format.
+    """
+    payload = _read_checked(store, digest, "shard plan")
     if not isinstance(payload, dict) or payload.get("format") != PLAN_FORMAT:
         got = payload.get("format") if isinstance(payload, dict) else None
-        msg = f"{store.name(rel)}: shard plan format {got!r}, this version reads {PLAN_FORMAT}; re-run plan_shards"
+        msg = f"{store.name(plan_file(digest))}: shard plan format {got!r}, this version reads {PLAN_FORMAT}; re-run plan_shards"
         raise PlanMismatch(msg)
-    common = {key: payload[key] for key in _PLAN_COMMON}
-    return {shard["shard_id"]: {**shard, **common} for shard in payload["shards"]}
+    return payload
 
 
 def load_shards(
@@ -653,13 +669,13 @@ def load_shards(
     settings: Settings | None = None,
     access: S3Access | None = None,
 ) -> list[dict[str, Any]]:
-    """Return the full shard of each reference ``publish_plan`` made, reading each dataset's plan file once.
+    """Return the full shard of each reference ``publish_plan`` made: its dataset's index (read once), then its own file.
 
     Raises:
-        PlanMismatch: a plan file is missing or changed, or does not hold
-            the shard a reference names.
+        PlanMismatch: a plan file is missing or changed, or the plan holds
+            no shard of that id and label.
     """
-    loaded: dict[str, dict[str, dict[str, Any]]] = {}
+    indexes: dict[str, tuple[Store, dict[str, Any], dict[str, dict[str, Any]]]] = {}
     shards: list[dict[str, Any]] = []
     for ref in refs:
         name = str(ref["dataset"])
@@ -667,13 +683,17 @@ def load_shards(
         if where is None:
             msg = f"shard {ref['shard_id']}: the run's plan index names no plan for dataset {name!r}"
             raise PlanMismatch(msg)
-        if name not in loaded:
-            loaded[name] = read_plan(where["output"], where["digest"], settings=settings, access=access)
-        shard = loaded[name].get(ref["shard_id"])
-        if shard is None or shard["label"] != ref["label"] or shard["dataset"] != name:
-            msg = f"{where['output']}/{plan_file(where['digest'])}: holds no shard {ref['shard_id']} ({ref['label']})"
+        if name not in indexes:
+            store = open_store(where["output"], settings, access=access)
+            index = read_plan(store, where["digest"])
+            indexes[name] = (store, index, {entry["shard_id"]: entry for entry in index["shards"]})
+        store, index, entries = indexes[name]
+        entry = entries.get(ref["shard_id"])
+        if entry is None or entry["label"] != ref["label"] or index["dataset"] != name:
+            msg = f"{store.name(plan_file(where['digest']))}: holds no shard {ref['shard_id']} ({ref['label']})"
             raise PlanMismatch(msg)
-        shards.append(shard)
+        own = _read_checked(store, entry["sha256"], f"plan of shard {ref['shard_id']}")
+        shards.append({**own, **{key: index[key] for key in _PLAN_COMMON}})
     return shards
 
 

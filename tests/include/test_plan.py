@@ -232,35 +232,44 @@ def two_datasets(tmp_path: Path, *, shard_size: int) -> plan.RunConf:
 
 
 def test_each_plan_file_is_whole_and_named_by_its_digest(tmp_path: Path) -> None:
-    """publish_plan writes one file per dataset under _plans/<sha256>.json, and its references load back every shard as planned."""
+    """publish_plan writes an index and a file per shard under _plans/<sha256>.json; the references load back every shard as planned."""
     run = plan.make_plan(two_datasets(tmp_path, shard_size=4), MODEL, batch_size=8)
     refs, plans = plan.publish_plan(run.shards)
     assert refs == [{"dataset": s["dataset"], "shard_id": s["shard_id"], "label": s["label"]} for s in run.shards]
     for name in ("crema_d", "ravdess"):
-        (written,) = (tmp_path / "out" / name / plan.PLANS_DIR).iterdir()  # no temporary left beside it
-        assert written.name == f"{plan.plan_digest(written.read_bytes())}.json"
-        assert plans[name] == {"output": str(tmp_path / "out" / name), "digest": written.stem}
+        written = sorted((tmp_path / "out" / name / plan.PLANS_DIR).iterdir())  # no temporary left beside them
+        assert len(written) == 1 + sum(s["dataset"] == name for s in run.shards)
+        assert all(path.name == f"{plan.plan_digest(path.read_bytes())}.json" for path in written)
+        assert plans[name] == {"output": str(tmp_path / "out" / name), "digest": plans[name]["digest"]}
+        assert plans[name]["digest"] in {path.stem for path in written}
     assert plan.load_shards(refs, plans) == run.shards
     assert plan.load_shard(refs[3], plans) == run.shards[3], "one cleared shard reads back exactly its own files"
 
 
 def test_a_changed_or_missing_plan_file_is_refused_naming_it_and_both_digests(tmp_path: Path) -> None:
-    """A plan file whose bytes no longer hash to the reference's digest is refused; the message names the file and both digests."""
+    """A plan or shard file whose bytes no longer hash to their digest is refused; the message names the file and both digests."""
     run = plan.make_plan(two_datasets(tmp_path, shard_size=4), MODEL, batch_size=8)
     refs, plans = plan.publish_plan(run.shards)
-    digest = plans["crema_d"]["digest"]
-    path = tmp_path / "out" / "crema_d" / plan.plan_file(digest)
+    folder = tmp_path / "out" / "crema_d" / plan.PLANS_DIR
+    _, own = plan.plan_files([s for s in run.shards if s["dataset"] == "crema_d"])
+    digest = plan.plan_digest(own["crema_d-0001"])
+    path = folder / f"{digest}.json"
     changed = path.read_bytes().replace(b"1001_IEO_ANG_LO.npy", b"1001_IEO_ANG_MD.npy")
     path.write_bytes(changed)
-    with pytest.raises(PlanMismatch, match=rf"{path}: shard plan has SHA-256 {plan.plan_digest(changed)}, not {digest}"):
+    with pytest.raises(PlanMismatch, match=rf"{path}: plan of shard crema_d-0001 has SHA-256 {plan.plan_digest(changed)}, not {digest}"):
         plan.load_shard(refs[0], plans)
-    path.unlink()
-    with pytest.raises(PlanMismatch, match=rf"{path}: shard plan unreadable"):
-        plan.load_shard(refs[0], plans)
+    assert plan.load_shard(refs[1], plans) == run.shards[1], "the other shards still load"
+    index = folder / f"{plans['crema_d']['digest']}.json"
+    index.write_bytes(index.read_bytes() + b" ")
+    with pytest.raises(PlanMismatch, match=rf"{index}: shard plan has SHA-256 [0-9a-f]{{64}}, not {plans['crema_d']['digest']}"):
+        plan.load_shard(refs[1], plans)
+    index.unlink()
+    with pytest.raises(PlanMismatch, match=rf"{index}: shard plan unreadable"):
+        plan.load_shard(refs[1], plans)
     with pytest.raises(PlanMismatch, match="not a plan digest"):
         plan.load_shard(refs[0], {"crema_d": {**plans["crema_d"], "digest": "../../etc/passwd"}})
-    with pytest.raises(PlanMismatch, match="holds no shard crema_d-0009"):
-        plan.load_shard({**refs[-1], "shard_id": "crema_d-0009"}, plans)
+    with pytest.raises(PlanMismatch, match="holds no shard ravdess-0009"):
+        plan.load_shard({**refs[-1], "shard_id": "ravdess-0009"}, plans)
 
 
 def test_the_same_inputs_give_the_same_digests_and_ids(tmp_path: Path) -> None:
