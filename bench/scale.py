@@ -17,8 +17,9 @@ One run, on one machine, measures (docs/benchmarks.md, "Scale"):
    (read from the database before and after), the scheduler's CPU-seconds
    (``/proc/<pid>/stat``), and the run's wall time.
 
-    .venv/bin/python bench/scale.py                              # 1,000,000 files (~2 min to generate), 100,000 through the DAG
-    .venv/bin/python bench/scale.py --dag-files 1000000          # the whole corpus through the DAG too
+    .venv/bin/python bench/scale.py                              # 1,000,000 files (~9 GB, ~2 min to generate), 100,000 through the DAG: ~6 min
+    .venv/bin/python bench/scale.py --dag-files 1000000          # the whole corpus through the DAG too: ~30 min on 2 cores
+    .venv/bin/python bench/scale.py --corpus /big/disk/scale     # the corpus elsewhere (default ROOT/corpus, ROOT = data/scale)
     .venv/bin/python bench/scale.py --smoke --root /tmp/b        # tiny corpus, ~2 min: checks the script only
 """
 
@@ -30,6 +31,7 @@ import dataclasses
 import io
 import json
 import os
+import resource
 import shutil
 import sqlite3
 import sys
@@ -47,7 +49,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 import numpy as np  # noqa: E402
 
 from airflow_local import ADMIN_USER, AirflowApi, ServiceError, free_port, running_stack, wait_for  # noqa: E402
-from bench.extraction import BenchError, corpus_settings, live_run, log, machine  # noqa: E402
+from bench.extraction import BenchError, corpus_settings, log, machine  # noqa: E402
 from cnn_features import plan  # noqa: E402
 from cnn_features.datasets import get_dataset, label_all  # noqa: E402
 from cnn_features.progress import PLAN_NAME, run_folder, write_plan  # noqa: E402
@@ -121,6 +123,8 @@ DEFAULT_MAX_MAP_LENGTH = 1024
 # Targets of the scale issue (docs/benchmarks.md, "Scale").
 TARGET_PLAN_S = 60.0
 TARGET_XCOM_BYTES = 256 * 1024
+# Seconds one live DAG run may take: a million clips on 2 shared cores take ~30 minutes.
+DAG_TIMEOUT_S = 3 * 3600
 # Full run: a million clips, a tenth of them through the live DAG (2 shared cores).
 FULL_FILES = 1_000_000
 FULL_DAG_FILES = 100_000
@@ -204,6 +208,7 @@ def measure_plan(corpus: Path, home: Path, *, shard_size: int, max_shards: int) 
         "largest_shard_file_bytes": max((len(data) for data in own.values()), default=0),
         "refs_json_bytes": len(json.dumps(refs)) + len(json.dumps(plans)),
         "progress_record_bytes": (folder / PLAN_NAME).stat().st_size,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
 
 
@@ -293,11 +298,22 @@ def measure_dag(stack: LiveStack, subset: Path, home: Path, *, shard_size: int) 
     conf = {"datasets": {DATASET: {"input": str(subset), "output": str(output)}}, "device": "cpu", "shard_size": shard_size}
     rows_before = table_rows(stack.database)
     cpu_before = process_cpu_s(stack.scheduler_pid)
-    run = live_run(stack.api, conf)
+    started = datetime.now().astimezone()
+    run_id = str(stack.api.trigger(DAG_ID, conf)["dag_run_id"])
+    try:
+        done = stack.api.wait_run(DAG_ID, run_id, timeout_s=DAG_TIMEOUT_S)
+    except ServiceError as exc:
+        raise BenchError(str(exc)) from None
     cpu_after = process_cpu_s(stack.scheduler_pid)
     rows_after = table_rows(stack.database)
-    runs = stack.api.call("GET", f"/api/v2/dags/{DAG_ID}/dagRuns", params={"order_by": "-start_date", "limit": 1})
-    run_id = runs["dag_runs"][0]["dag_run_id"]
+    tis = stack.api.task_instances(DAG_ID, run_id)
+    if done["state"] != "success":
+        msg = f"run {run_id} ended {done['state']}: {[(t['task_id'], t['map_index'], t['state']) for t in tis]}"
+        raise BenchError(msg)
+    tasks: dict[str, float] = {}
+    for ti in tis:
+        tasks[ti["task_id"]] = tasks.get(ti["task_id"], 0.0) + float(ti["duration"] or 0.0)
+    run = {"wall_s": (datetime.fromisoformat(done["end_date"]) - started).total_seconds(), "tasks_s": tasks}
     xcoms = xcom_bytes(stack.database, run_id)
     added = {name: rows_after.get(name, 0) - count for name, count in rows_before.items() if rows_after.get(name, 0) != count}
     record = json.loads((run_folder(home / "progress", run_id) / PLAN_NAME).read_text(encoding="utf-8"))
@@ -342,7 +358,8 @@ def table(result: dict[str, Any]) -> str:
         lines.append(f"| read back: {step}, s | {seconds:.2f} |")
     lines.append(f"| plan files, bytes: all / index / largest shard's | {first['plan_file_bytes']:,} / "
                  f"{first['plan_index_bytes']:,} / {first['largest_shard_file_bytes']:,} |")
-    lines.append(f"| plan_shards' return value (references), bytes | {first['refs_json_bytes']:,} |")
+    lines.append(f"| plan_shards' XComs (references and plan index), bytes | {first['refs_json_bytes']:,} |")
+    lines.append(f"| peak RSS of the planning process, MiB | {max(r['peak_rss_mib'] for r in result['plan']):,.0f} |")
     dag = result.get("dag")
     if dag:
         lines.append(f"| whole DAG over {dag['files']:,} files: wall s, shards | {dag['wall_s']:.0f}, {dag['shards']} |")
@@ -402,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--root", type=Path, default=Path("/work/scale-bench"), help="outputs, Airflow home, results")
+    parser.add_argument("--root", type=Path, default=REPO / "data" / "scale", help="outputs, Airflow home, results")
     parser.add_argument("--corpus", type=Path, default=None, help="where the corpus lies or is generated (default ROOT/corpus)")
     parser.add_argument("--files", type=int, default=FULL_FILES, help="clips in the corpus")
     parser.add_argument("--dag-files", type=int, default=FULL_DAG_FILES, help="clips through the live DAG (0: no DAG run)")
