@@ -481,7 +481,7 @@ def _printable_names(listed: list[tuple[str, int]]) -> tuple[list[tuple[str, int
     """Replace names that are not valid UTF-8 by their ``repr()``; return the listing and their reasons.
 
     Such a name (bytes the file system kept, decoded with surrogates) cannot
-    be serialised into XCom; it travels only as its ``repr()``, a bad input
+    be serialised as JSON (the plan files); it travels only as its ``repr()``, a bad input
     that no worker reads.
     """
     named: list[tuple[str, int]] = []
