@@ -129,9 +129,12 @@ def test_file_lists_stay_out_of_xcom_and_the_shards_fit_max_map_length(stack: di
     assert [r["label"] for r in refs] == ["crema_d 1/2", "crema_d 2/2", "ravdess 1/1"]
     assert sum(len(value) for _, _, value in xcoms) < 20_000, "every XCom of the run, small"
     assert not [value for _, _, value in xcoms if ".npy" in value], "no file name travels through XCom"
+    plans = json.loads(next(value for task, key, value in xcoms if task == "plan_shards" and key == "plans"))
     for name, io in stack["datasets"].items():
-        (plan_file,) = (Path(io["output"]) / "_plans").glob("*.json")
-        assert plan_file.stem == hashlib.sha256(plan_file.read_bytes()).hexdigest(), name
+        written = list((Path(io["output"]) / "_plans").glob("*.json"))  # this run's plan and the earlier runs'
+        assert all(path.stem == hashlib.sha256(path.read_bytes()).hexdigest() for path in written), name
+        assert plans[name] == {"output": io["output"], "digest": plans[name]["digest"]}
+        assert plans[name]["digest"] in {path.stem for path in written}
 
 
 def test_model_path_with_dotdot_is_refused_before_shards(stack: dict[str, Any]) -> None:
