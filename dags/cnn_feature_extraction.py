@@ -92,7 +92,8 @@ def s3_access(params: dict[str, Any]) -> Any:
             minimum=1,
             maximum=100_000,
             title="Shard size",
-            description="Files per extract_shard task. The same folder and size always give the same shards.",
+            description="Files per extract_shard task. The same folder and size always give the same shards. "
+            "Raised, and the run says so, when the shards would outnumber Airflow's [core] max_map_length.",
         ),
         "model_path": Param(
             None,
