@@ -17,8 +17,8 @@ One run, on one machine, measures (docs/benchmarks.md, "Scale"):
    (read from the database before and after), the scheduler's CPU-seconds
    (``/proc/<pid>/stat``), and the run's wall time.
 
-    .venv/bin/python bench/scale.py                              # 1,000,000 files (~9 GB, ~2 min to generate), 100,000 through the DAG: ~6 min
-    .venv/bin/python bench/scale.py --dag-files 1000000          # the whole corpus through the DAG too: ~30 min on 2 cores
+    .venv/bin/python bench/scale.py                              # 1,000,000 files (~9 GB, ~2 min to generate), 100,000 through the DAG: ~5 min
+    .venv/bin/python bench/scale.py --dag-files 1000000          # the whole corpus through the DAG too: ~25 min on 2 cores
     .venv/bin/python bench/scale.py --corpus /big/disk/scale     # the corpus elsewhere (default ROOT/corpus, ROOT = data/scale)
     .venv/bin/python bench/scale.py --smoke --root /tmp/b        # tiny corpus, ~2 min: checks the script only
 """
