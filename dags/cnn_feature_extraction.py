@@ -8,6 +8,10 @@ into one 256-d CNN feature vector per clip, then triggers `emotion_training`.
    there means "no usable GPU", never a failed run.
 2. **plan_shards** validates the conf, checks the model in a fresh process and
    cuts each dataset into stable shards (`ravdess-0003` always holds the same files).
+   Each dataset's plan is written into its output as `_plans/<sha256>.json`;
+   only small references to it travel between tasks. When the shards would
+   outnumber `[core] max_map_length`, the shard size is raised to fit (logged,
+   and shown on the progress page).
 3. **extract_shard** (one per shard, named e.g. `ravdess 3/6` in the grid) runs
    each shard in fresh worker processes: on the GPU when the probe found one
    (or `device=gpu`), re-run on CPU with CUDA hidden if the GPU worker fails.
@@ -122,7 +126,8 @@ def s3_access(params: dict[str, Any]) -> Any:
             minimum=1,
             maximum=100_000,
             title="Shard size",
-            description="Files per extract_shard task. The same folder and size always give the same shards.",
+            description="Files per extract_shard task. The same folder and size always give the same shards. "
+            "Raised, and the run says so, when the shards would outnumber Airflow's [core] max_map_length.",
         ),
         "model_path": Param(
             None,
@@ -163,7 +168,13 @@ def cnn_feature_extraction() -> None:
 
     @task
     def plan_shards() -> list[dict[str, Any]]:
-        """Validate the conf, check the model, and list every shard."""
+        """Validate the conf, check the model, write each dataset's shard plan into its output; return one reference per shard.
+
+        The plan index (each dataset's output and plan digest) is pushed once
+        as XCom ``plans``: the file lists never travel through XCom.
+        """
+        from airflow.sdk import conf as airflow_conf
+
         from cnn_features import plan
         from cnn_features.errors import InvalidConf, ModelError, OutputConflict
 
@@ -173,15 +184,20 @@ def cnn_feature_extraction() -> None:
         params = dict(context["params"])
         run_id = context["run_id"]
         access = s3_access(params) if plan.uses_s3(params) else None
+        max_shards = airflow_conf.getint("core", "max_map_length", fallback=1024)
         try:
             conf = plan.validate_conf(params, SETTINGS, access=access)
             model = plan.check_model(conf.model_path, SETTINGS)
-            shards = plan.plan_run(conf, model, batch_size=SETTINGS.batch_size, settings=SETTINGS, access=access)
+            run_plan = plan.make_plan(
+                conf, model, batch_size=SETTINGS.batch_size, max_shards=max_shards, settings=SETTINGS, access=access
+            )
+            refs, plans = plan.publish_plan(run_plan.shards, settings=SETTINGS, access=access)
         except (InvalidConf, ModelError, OutputConflict) as exc:
             write_plan_error(run_folder(SETTINGS.progress_root, run_id), run_id, str(exc))
             raise AirflowFailException(str(exc)) from None
-        write_plan(run_folder(SETTINGS.progress_root, run_id), run_id, shards)
-        return shards
+        write_plan(run_folder(SETTINGS.progress_root, run_id), run_id, run_plan.shards, note=run_plan.note)
+        context["ti"].xcom_push(key="plans", value=plans)  # each dataset's output and plan digest, once per run
+        return refs
 
     @task
     def route_gpu_shards(shards: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -204,8 +220,10 @@ def cnn_feature_extraction() -> None:
         max_active_tis_per_dagrun=SETTINGS.shard_concurrency,
         execution_timeout=timedelta(hours=6),
     )
-    def extract_shard(shard: dict[str, Any], probe: dict[str, Any]) -> dict[str, Any]:
-        """Extract one shard in fresh worker processes, GPU first when chosen, CPU on failure."""
+    def extract_shard(shard: dict[str, Any], plans: dict[str, Any], probe: dict[str, Any]) -> str:
+        """Extract one shard in fresh worker processes, GPU first when chosen, CPU on failure; return its id."""
+        from cnn_features.errors import PlanMismatch
+        from cnn_features.plan import load_shard
         from cnn_features.progress import run_folder
         from cnn_features.routing import shard_device
         from cnn_features.runner import run_shard
@@ -214,32 +232,42 @@ def cnn_feature_extraction() -> None:
         context = get_current_context()
         params = dict(context["params"])
         queue = context["task"].queue
+        output = plans.get(shard["dataset"], {}).get("output", "")
+        access = s3_access(params) if is_s3(output) else None
+        try:
+            spec = load_shard(shard, plans, settings=SETTINGS, access=access)
+        except PlanMismatch as exc:  # a changed plan file stays changed: retrying cannot help
+            raise AirflowFailException(str(exc)) from None
         result = run_shard(
-            {**shard, "run_id": context["run_id"]},  # named in each feature's lineage
+            # The run is named in each feature's lineage; the worker in the shard's result.
+            {**spec, "run_id": context["run_id"], "worker": worker_identity(context["ti"].hostname, queue)},
             requested_device=shard_device(params["device"], on_gpu_queue=bool(SETTINGS.gpu_queue) and queue == SETTINGS.gpu_queue),
             probe=probe,
             progress_dir=run_folder(SETTINGS.progress_root, context["run_id"]),
-            access=s3_access(params) if is_s3(shard["input"]) or is_s3(shard["output"]) else None,
+            access=access or (s3_access(params) if is_s3(spec["input"]) else None),
         )
-        result["worker"] = worker_identity(context["ti"].hostname, queue)
-        return result
+        return str(result["shard_id"])  # the whole result lies in the output's _shards/<id>.json
 
     @task(retries=0, multiple_outputs=True, trigger_rule="none_failed")
-    def verify_features(shards: list[dict[str, Any]], results: list[dict[str, Any]]) -> dict[str, Any]:
+    def verify_features(refs: list[dict[str, Any]], plans: dict[str, Any], done: list[str]) -> dict[str, Any]:
         """Check every feature file; write reports, manifests and plots; fail listing every problem."""
-        from cnn_features.errors import VerificationFailed
+        from cnn_features.errors import PlanMismatch, VerificationFailed
         from cnn_features.plots import write_run_plots
         from cnn_features.progress import run_folder
         from cnn_features.progress_report import PLOTS_DIR
         from cnn_features.verify import verify_run
 
-        from cnn_features.plan import uses_s3
+        from cnn_features.plan import load_results, load_shards, uses_s3
 
         context = get_current_context()
         params = dict(context["params"])
         access = s3_access(params) if uses_s3(params) else None
         fraction = float(params["max_bad_fraction"])
-        results = list(results)
+        try:
+            shards = load_shards(refs, plans, settings=SETTINGS, access=access)
+            results = load_results(shards, done, settings=SETTINGS, access=access)
+        except PlanMismatch as exc:
+            raise AirflowFailException(str(exc)) from None
         records = run_folder(SETTINGS.progress_root, context["run_id"])
         try:
             summary = verify_run(
@@ -261,14 +289,14 @@ def cnn_feature_extraction() -> None:
     probe = probe_gpu()
     shards = plan_shards()  # independent of the probe: the two may run side by side
     gpu_shards = route_gpu_shards(shards)
-    cpu_results = extract_shard.partial(probe=probe).expand(shard=route_cpu_shards(shards, gpu_shards))
+    cpu_done = extract_shard.partial(plans=shards["plans"], probe=probe).expand(shard=route_cpu_shards(shards, gpu_shards))
     # The same task on the GPU queue, GPU shards capped by the GPU pool's slots (one per GPU).
     extract_shard_gpu = extract_shard.override(
         task_id="extract_shard_gpu", queue=SETTINGS.gpu_task_queue, pool=SETTINGS.gpu_task_pool
     )
-    gpu_results = extract_shard_gpu.partial(probe=probe).expand(shard=gpu_shards)
+    gpu_done = extract_shard_gpu.partial(plans=shards["plans"], probe=probe).expand(shard=gpu_shards)
     # One of the two extraction tasks maps no shard and is skipped: verification runs unless one failed.
-    verified = verify_features(shards, cpu_results.concat(gpu_results))
+    verified = verify_features(shards, shards["plans"], cpu_done.concat(gpu_done))
     TriggerDagRunOperator(
         task_id="trigger_training",
         trigger_dag_id="emotion_training",

@@ -220,6 +220,8 @@ def render_run(run: RunProgress, *, base: str, now: float | None = None, dag_id:
     )
     if run.error:
         summary += f'<p class="error" id="run-error">{_e(run.error)}</p>'
+    if run.note:
+        summary += f'<p class="muted" id="run-note">{_e(run.note)}</p>'
     summary += _gpu_line(run)
     sections = []
     for dataset in run.datasets:

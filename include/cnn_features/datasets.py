@@ -51,10 +51,24 @@ class ClipLabel:
     actor: str
 
 
+def _folder_and_name(relpath: str) -> tuple[str | None, str]:
+    """Return (name of the parent folder, or None at the top; file name) as ``pathlib`` reads them.
+
+    A plain ``a/b/c`` path is split as a string: a million ``Path`` objects
+    cost a plan over ten seconds. Anything else (``.`` or empty segments) goes
+    through ``Path``, so both give the same answer.
+    """
+    parts = relpath.split("/")
+    if "" in parts or "." in parts:
+        path = Path(relpath)
+        return (None if path.parent == Path(".") else path.parent.name), path.name
+    return (parts[-2] if len(parts) > 1 else None), parts[-1]
+
+
 def parse_ravdess(relpath: str) -> ClipLabel:
     """Parse ``Actor_AA/03-01-EE-II-SS-RR-AA.npy``; the folder must match the actor."""
-    path = Path(relpath)
-    match = _RAVDESS_NAME.match(path.name)
+    folder, name = _folder_and_name(relpath)
+    match = _RAVDESS_NAME.match(name)
     if match is None:
         msg = f"{relpath}: name does not follow RAVDESS 'MM-VV-EE-II-SS-RR-AA.npy'"
         raise InvalidInput(msg)
@@ -62,27 +76,27 @@ def parse_ravdess(relpath: str) -> ClipLabel:
     if not 1 <= int(actor) <= 99:
         msg = f"{relpath}: actor {actor} out of range"
         raise InvalidInput(msg)
-    if path.parent.name != f"Actor_{actor}":
-        msg = f"{relpath}: actor {actor} in the name but file is in {path.parent.name or 'the root'!r}, not 'Actor_{actor}'"
+    if folder != f"Actor_{actor}":
+        msg = f"{relpath}: actor {actor} in the name but file is in {folder or 'the root'!r}, not 'Actor_{actor}'"
         raise InvalidInput(msg)
     emotion = RAVDESS_EMOTIONS[int(match["emotion"]) - 1]
     # The modality digit is left out of the clip id: the audio-only and the
     # audio-visual recording of a take are the same clip.
-    return ClipLabel(clip_id=path.stem[3:], emotion=emotion, actor=actor)
+    return ClipLabel(clip_id=name.removesuffix(".npy")[3:], emotion=emotion, actor=actor)
 
 
 def parse_crema_d(relpath: str) -> ClipLabel:
     """Parse ``AAAA_SSS_EEE_LL.npy`` in the corpus's flat folder."""
-    path = Path(relpath)
-    match = _CREMA_D_NAME.match(path.name)
+    folder, name = _folder_and_name(relpath)
+    match = _CREMA_D_NAME.match(name)
     if match is None:
         msg = f"{relpath}: name does not follow CREMA-D 'AAAA_SSS_EEE_LL.npy'"
         raise InvalidInput(msg)
-    if path.parent != Path("."):
+    if folder is not None:
         msg = f"{relpath}: CREMA-D files belong in the dataset's top folder"
         raise InvalidInput(msg)
     return ClipLabel(
-        clip_id=path.stem,
+        clip_id=name.removesuffix(".npy"),
         emotion=CREMA_D_EMOTIONS[match["emotion"]],
         actor=match["actor"],
     )

@@ -45,3 +45,7 @@ class StoreError(CnnFeaturesError):
 
 class StoreMissing(StoreError):
     """An object or bucket asked for is not there."""
+
+
+class PlanMismatch(CnnFeaturesError):
+    """A shard plan file is missing, or its bytes are not the plan a shard was given; names the file and both digests."""

@@ -6,37 +6,49 @@ Parent side, no TensorFlow: the model check runs in a fresh CPU-only process.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.metadata
 import json
 import logging
 import os
+import re
 import subprocess
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cnn_features.config import Settings
 from cnn_features.datasets import get_dataset, label_all
-from cnn_features.errors import InvalidConf, InvalidInput, ModelError, OutputConflict, StoreError
+from cnn_features.errors import InvalidConf, InvalidInput, ModelError, OutputConflict, PlanMismatch, StoreError
 from cnn_features.procs import RESULT_PREFIX, child_env, parse_line, python_module_cmd
 from cnn_features.s3 import S3Access, S3Location, S3Store, check_reachable, is_s3, parse_s3_uri, unsafe_key_reason
 from cnn_features.shipping import ship_model
 from cnn_features.storage import file_sha256, write_json_atomic
-from cnn_features.stores import Location, open_store
+from cnn_features.stores import Location, Store, open_store
 
 log = logging.getLogger(__name__)
 
 DEVICES = ("auto", "gpu", "cpu")
-# Largest shard accepted: one shard's file list travels through XCom, and a
-# shard this big already takes minutes; beyond it sharding stops helping.
+# Largest shard size a conf may ask for: a shard this big already takes
+# minutes; beyond it sharding stops helping. The plan may still raise the size
+# past it (``fit_shard_size``) to keep within Airflow's core.max_map_length.
 MAX_SHARD_SIZE = 100_000
 # Seconds allowed for loading (or creating) the model in the check process.
 MODEL_CHECK_TIMEOUT_S = 600
 # File in each output folder recording which model made its features.
 FEATURES_META = "_features.json"
 # Names of ignored (non-.npy) files carried in a plan, so a corpus folder full of
-# .wav files beside the spectrograms does not bloat XCom; the count is exact.
+# .wav files beside the spectrograms does not bloat it; the count is exact.
 MAX_IGNORED_LISTED = 1000
+# Folder of each output that holds its shard plans: an index per plan and a
+# file per shard, each named by its SHA-256; workers on any host read them.
+PLANS_DIR = "_plans"
+# Version of the plan files' layout (``plan_files``); a reader refuses another.
+PLAN_FORMAT = 1
+# Fields every shard of one dataset shares: written once, in the plan's index.
+_PLAN_COMMON = ("dataset", "input", "output", "model", "batch_size", "count")
+_DIGEST = re.compile(r"[0-9a-f]{64}")
 # Suffix of the only files the pipeline reads; anything else in a corpus folder
 # (README.txt, .wav, .csv) is ignored, listed apart from bad inputs.
 INPUT_SUFFIX = ".npy"
@@ -360,38 +372,69 @@ def claim_output(
         raise OutputConflict(msg) from None
 
 
-def plan_dataset(
-    dataset: DatasetIO, *, shard_size: int, settings: Settings | None = None, access: S3Access | None = None
-) -> list[dict[str, Any]]:
-    """Cut one dataset's sorted file list into shards with stable ids.
+@dataclass(frozen=True)
+class Listing:
+    """One dataset's input files, in sorted order, with what the plan carries about them."""
 
-    The same folder contents and ``shard_size`` always give the same shards,
-    so re-running shard ``ravdess-0003`` processes exactly its own files.
+    files: list[str]
+    sizes: dict[str, int]
+    rejected: dict[str, str]
+    ignored: list[str]
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Every shard of a run, and the shard size that cut them.
+
+    ``note`` says why ``shard_size`` is larger than the conf asked for
+    (``fit_shard_size``), or is None when it is not.
+    """
+
+    shards: list[dict[str, Any]]
+    shard_size: int
+    requested_shard_size: int
+    note: str | None
+
+
+def list_dataset(dataset: DatasetIO, *, settings: Settings | None = None, access: S3Access | None = None) -> Listing:
+    """List one dataset's input: the files to extract, their sizes, bad names and ignored files.
+
     Files that are not ``.npy`` by name (a README, audio) are not inputs:
-    the first shard lists them as ``ignored`` (with ``ignored_count``), and
-    they count toward no bad fraction. ``.npy`` names that do not parse,
-    duplicate clip ids and S3 keys that would leave the prefix are carried in
-    each shard's ``rejected`` map, to be reported, not extracted. Each file's
-    size (from the listing) travels in ``sizes``: workers order and limit
-    reads by it.
+    they are ``ignored`` and count toward no bad fraction. ``.npy`` names
+    that do not parse, duplicate clip ids and S3 keys that would leave the
+    prefix are ``rejected``, to be reported, not extracted.
     """
     spec = get_dataset(dataset.name)
     listed, unnamed = _printable_names(open_store(dataset.input, settings, access=access).list())
-    ignored = [
-        rel
-        for rel, _ in listed
-        if not rel.endswith(INPUT_SUFFIX) and rel not in unnamed and unsafe_key_reason(rel) is None
-    ]
-    skip = set(ignored)
-    files = [rel for rel, _ in listed if rel not in skip]
-    sizes = dict(listed)
+    files: list[str] = []
+    ignored: list[str] = []
+    unsafe: dict[str, str] = {}
+    for rel, _ in listed:
+        if (reason := unsafe_key_reason(rel)) is not None:
+            unsafe[rel] = reason
+            files.append(rel)
+        elif rel.endswith(INPUT_SUFFIX) or rel in unnamed:
+            files.append(rel)
+        else:
+            ignored.append(rel)
     if ignored:
         log.info("dataset %s: %d file(s) that are not %s ignored, e.g. %s", dataset.name, len(ignored), INPUT_SUFFIX, ignored[0])
     _, rejected = label_all(spec, files)
-    for rel in files:
-        if (reason := unsafe_key_reason(rel)) is not None:
-            rejected[rel] = reason
+    rejected.update(unsafe)
     rejected.update(unnamed)
+    return Listing(files, dict(listed), rejected, ignored)
+
+
+def cut_shards(dataset: DatasetIO, listing: Listing, *, shard_size: int) -> list[dict[str, Any]]:
+    """Cut one dataset's sorted file list into shards of ``shard_size`` with stable ids.
+
+    The same listing and ``shard_size`` always give the same shards, so
+    re-running shard ``ravdess-0003`` processes exactly its own files. The
+    first shard carries the ignored files (up to ``MAX_IGNORED_LISTED``
+    names, and their count); each shard carries its rejected files and the
+    size of each file (workers order and limit reads by it).
+    """
+    files, sizes, rejected = listing.files, listing.sizes, listing.rejected
     chunks = [files[i : i + shard_size] for i in range(0, len(files), shard_size)]
     return [
         {
@@ -405,18 +448,56 @@ def plan_dataset(
             "files": chunk,
             "sizes": [sizes[rel] for rel in chunk],
             "rejected": {rel: rejected[rel] for rel in chunk if rel in rejected},
-            "ignored": ignored[:MAX_IGNORED_LISTED] if index == 1 else [],
-            "ignored_count": len(ignored) if index == 1 else 0,
+            "ignored": listing.ignored[:MAX_IGNORED_LISTED] if index == 1 else [],
+            "ignored_count": len(listing.ignored) if index == 1 else 0,
         }
         for index, chunk in enumerate(chunks, start=1)
     ]
+
+
+def plan_dataset(
+    dataset: DatasetIO, *, shard_size: int, settings: Settings | None = None, access: S3Access | None = None
+) -> list[dict[str, Any]]:
+    """List one dataset and cut it into stable shards (``list_dataset``, then ``cut_shards``)."""
+    return cut_shards(dataset, list_dataset(dataset, settings=settings, access=access), shard_size=shard_size)
+
+
+def shard_count(counts: Sequence[int], shard_size: int) -> int:
+    """Return how many shards datasets of ``counts`` files make at ``shard_size`` (an empty one makes none)."""
+    return sum(-(-n // shard_size) for n in counts)
+
+
+def fit_shard_size(counts: Sequence[int], *, shard_size: int, max_shards: int) -> int:
+    """Return the smallest shard size from ``shard_size`` up whose shards number at most ``max_shards``.
+
+    ``counts`` holds each dataset's file count; each dataset's shards are cut
+    apart, so the total is what must fit (Airflow maps one task per shard,
+    and refuses more than ``core.max_map_length`` of them).
+
+    Raises:
+        InvalidConf: more datasets hold files than ``max_shards``: no size fits.
+    """
+    if shard_count(counts, shard_size) <= max_shards:
+        return shard_size
+    filled = sum(1 for n in counts if n > 0)
+    if filled > max_shards:
+        msg = f"shard_size: {filled} datasets need a shard each, over the {max_shards} mapped tasks core.max_map_length allows"
+        raise InvalidConf(msg)
+    low, high = max(shard_size + 1, -(-sum(counts) // max_shards)), max(counts)
+    while low < high:  # the count only falls as the size grows: the smallest size that fits
+        middle = (low + high) // 2
+        if shard_count(counts, middle) <= max_shards:
+            high = middle
+        else:
+            low = middle + 1
+    return low
 
 
 def _printable_names(listed: list[tuple[str, int]]) -> tuple[list[tuple[str, int]], dict[str, str]]:
     """Replace names that are not valid UTF-8 by their ``repr()``; return the listing and their reasons.
 
     Such a name (bytes the file system kept, decoded with surrogates) cannot
-    be serialised into XCom; it travels only as its ``repr()``, a bad input
+    be serialised as JSON (the plan files); it travels only as its ``repr()``, a bad input
     that no worker reads.
     """
     named: list[tuple[str, int]] = []
@@ -433,6 +514,55 @@ def _printable_names(listed: list[tuple[str, int]]) -> tuple[list[tuple[str, int
     return named, reasons
 
 
+def make_plan(
+    conf: RunConf,
+    model: dict[str, Any],
+    *,
+    batch_size: int,
+    max_shards: int | None = None,
+    settings: Settings | None = None,
+    access: S3Access | None = None,
+) -> RunPlan:
+    """Claim every output, list every dataset and cut the shards, each carrying the model and batch size.
+
+    With ``max_shards`` (Airflow's ``core.max_map_length``), the shard size
+    is raised when the conf's would make more shards than that in all, and
+    the plan's ``note`` says so.
+    """
+    listings: list[tuple[DatasetIO, Listing]] = []
+    for dataset in conf.datasets:
+        claim_output(dataset, model, settings=settings, access=access)
+        listings.append((dataset, list_dataset(dataset, settings=settings, access=access)))
+    counts = [len(listing.files) for _, listing in listings]
+    shard_size = conf.shard_size
+    note = None
+    if max_shards is not None:
+        shard_size = fit_shard_size(counts, shard_size=conf.shard_size, max_shards=max_shards)
+    if shard_size != conf.shard_size:
+        note = (
+            f"shard_size raised from {conf.shard_size:,} to {shard_size:,}: {sum(counts):,} files in shards of "
+            f"{conf.shard_size:,} make {shard_count(counts, conf.shard_size):,} shards, over the {max_shards:,} "
+            "mapped tasks Airflow allows (core.max_map_length); raise that setting to keep smaller shards"
+        )
+        log.warning("%s", note)
+    shards: list[dict[str, Any]] = []
+    for dataset, listing in listings:
+        planned = cut_shards(dataset, listing, shard_size=shard_size)
+        if not planned:
+            log.warning("dataset %s: no files under %s", dataset.name, dataset.input)
+        shards.extend({**shard, "model": model, "batch_size": batch_size} for shard in planned)
+        log.info(
+            "dataset %s: %d files in %d shard(s) of up to %d, %s -> %s",
+            dataset.name,
+            len(listing.files),
+            len(planned),
+            shard_size,
+            dataset.input,
+            dataset.output,
+        )
+    return RunPlan(shards, shard_size, conf.shard_size, note)
+
+
 def plan_run(
     conf: RunConf,
     model: dict[str, Any],
@@ -441,21 +571,186 @@ def plan_run(
     settings: Settings | None = None,
     access: S3Access | None = None,
 ) -> list[dict[str, Any]]:
-    """Return every shard of the run, each carrying the model and batch size."""
+    """Return every shard of the run at the conf's shard size, each carrying the model and batch size."""
+    return make_plan(conf, model, batch_size=batch_size, settings=settings, access=access).shards
+
+
+def plan_digest(data: bytes) -> str:
+    """Return the hex SHA-256 that names a plan file holding ``data``."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def _json_bytes(payload: Any) -> bytes:
+    """Return ``payload`` as compact, deterministic JSON (sorted keys, no spaces)."""
+    return json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def plan_files(shards: list[dict[str, Any]]) -> tuple[bytes, dict[str, bytes]]:
+    """Return one dataset's plan: its index file and each shard's file, by shard id.
+
+    A shard's file holds its own fields (files, sizes, rejected, ignored);
+    the index holds the fields every shard shares, once, and for each shard
+    its id, label and the SHA-256 of its file. So the index's digest names
+    the whole plan, and a worker reads the index and its own shard only.
+    Deterministic (sorted keys, no time stamps): the same shards give the
+    same bytes, so the same digests and file names.
+    """
+    common = {key: shards[0][key] for key in _PLAN_COMMON}
+    own = {s["shard_id"]: _json_bytes({k: v for k, v in s.items() if k not in _PLAN_COMMON}) for s in shards}
+    entries = [{"shard_id": s["shard_id"], "label": s["label"], "sha256": plan_digest(own[s["shard_id"]])} for s in shards]
+    return _json_bytes({"format": PLAN_FORMAT, **common, "shards": entries}), own
+
+
+def publish_plan(
+    shards: list[dict[str, Any]], *, settings: Settings | None = None, access: S3Access | None = None
+) -> tuple[list[dict[str, Any]], dict[str, dict[str, str]]]:
+    """Write each dataset's plan into its output under ``_plans/``; return the shard references and the plan index.
+
+    Every file is named by its SHA-256 (``_plans/<sha256>.json``) and written
+    whole (``Store.writer``: a linked nameless file, or one PUT each), shard
+    files first and the index last, so a worker on any host that reaches the
+    output reads the plan. What travels through XCom is small and does not
+    grow with the files: one reference per shard (``dataset``, ``shard_id``,
+    ``label``) and, once per run, each dataset's ``output`` and the digest
+    of its index.
+    """
+    by_dataset: dict[str, list[dict[str, Any]]] = {}
+    for shard in shards:
+        by_dataset.setdefault(shard["dataset"], []).append(shard)
+    plans: dict[str, dict[str, str]] = {}
+    for name, group in by_dataset.items():
+        index, own = plan_files(group)
+        digest = plan_digest(index)
+        store = open_store(group[0]["output"], settings, access=access)
+        try:
+            with store.writer() as writer:
+                for data in own.values():
+                    writer.put(plan_file(plan_digest(data)), data)
+                writer.flush()
+            store.write(plan_file(digest), index)
+        except (OSError, StoreError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            msg = f"datasets.{name}.output: cannot write the shard plan under {store.name(PLANS_DIR)} ({reason})"
+            raise OutputConflict(msg) from None
+        size = len(index) + sum(len(data) for data in own.values())
+        log.info("dataset %s: plan of %d shard(s) written to %s (%d bytes)", name, len(group), store.name(plan_file(digest)), size)
+        plans[name] = {"output": str(group[0]["output"]), "digest": digest}
+    refs = [{"dataset": s["dataset"], "shard_id": s["shard_id"], "label": s["label"]} for s in shards]
+    return refs, plans
+
+
+def plan_file(digest: str) -> str:
+    """Return where, in a dataset's output, the plan file with ``digest`` lies."""
+    return f"{PLANS_DIR}/{digest}.json"
+
+
+def _read_checked(store: Store, digest: str, what: str) -> Any:
+    """Return the JSON of ``_plans/<digest>.json`` after checking its SHA-256; raise PlanMismatch naming the file."""
+    if not _DIGEST.fullmatch(digest):
+        msg = f"{store.uri}: {digest!r} is not a plan digest (64 hex digits)"
+        raise PlanMismatch(msg)
+    rel = plan_file(digest)
+    try:
+        data = store.read(rel)
+    except StoreError as exc:
+        msg = f"{store.name(rel)}: {what} unreadable ({exc}); re-run plan_shards"
+        raise PlanMismatch(msg) from None
+    found = plan_digest(data)
+    if found != digest:
+        msg = f"{store.name(rel)}: {what} has SHA-256 {found}, not {digest}; the file was changed, re-run plan_shards"
+        raise PlanMismatch(msg)
+    return json.loads(data)
+
+
+def read_plan(store: Store, digest: str) -> dict[str, Any]:
+    """Return the checked index of the plan ``digest`` in ``store``.
+
+    Raises:
+        PlanMismatch: the file is missing or unreadable, its SHA-256 is not
+            ``digest`` (the message names the file and both digests), or it
+            is of another format.
+    """
+    payload = _read_checked(store, digest, "shard plan")
+    if not isinstance(payload, dict) or payload.get("format") != PLAN_FORMAT:
+        got = payload.get("format") if isinstance(payload, dict) else None
+        msg = f"{store.name(plan_file(digest))}: shard plan format {got!r}, this version reads {PLAN_FORMAT}; re-run plan_shards"
+        raise PlanMismatch(msg)
+    return payload
+
+
+def load_shards(
+    refs: Iterable[dict[str, Any]],
+    plans: dict[str, dict[str, str]],
+    *,
+    settings: Settings | None = None,
+    access: S3Access | None = None,
+) -> list[dict[str, Any]]:
+    """Return the full shard of each reference ``publish_plan`` made: its dataset's index (read once), then its own file.
+
+    Raises:
+        PlanMismatch: a plan file is missing or changed, or the plan holds
+            no shard of that id and label.
+    """
+    indexes: dict[str, tuple[Store, dict[str, Any], dict[str, dict[str, Any]]]] = {}
     shards: list[dict[str, Any]] = []
-    for dataset in conf.datasets:
-        claim_output(dataset, model, settings=settings, access=access)
-        planned = plan_dataset(dataset, shard_size=conf.shard_size, settings=settings, access=access)
-        if not planned:
-            log.warning("dataset %s: no files under %s", dataset.name, dataset.input)
-        shards.extend({**shard, "model": model, "batch_size": batch_size} for shard in planned)
-        log.info(
-            "dataset %s: %d files in %d shard(s) of up to %d, %s -> %s",
-            dataset.name,
-            sum(len(s["files"]) for s in planned),
-            len(planned),
-            conf.shard_size,
-            dataset.input,
-            dataset.output,
-        )
+    for ref in refs:
+        name = str(ref["dataset"])
+        where = plans.get(name)
+        if where is None:
+            msg = f"shard {ref['shard_id']}: the run's plan index names no plan for dataset {name!r}"
+            raise PlanMismatch(msg)
+        if name not in indexes:
+            store = open_store(where["output"], settings, access=access)
+            index = read_plan(store, where["digest"])
+            indexes[name] = (store, index, {entry["shard_id"]: entry for entry in index["shards"]})
+        store, index, entries = indexes[name]
+        entry = entries.get(ref["shard_id"])
+        if entry is None or entry["label"] != ref["label"] or index["dataset"] != name:
+            msg = f"{store.name(plan_file(where['digest']))}: holds no shard {ref['shard_id']} ({ref['label']})"
+            raise PlanMismatch(msg)
+        own = _read_checked(store, entry["sha256"], f"plan of shard {ref['shard_id']}")
+        shards.append({**own, **{key: index[key] for key in _PLAN_COMMON}})
     return shards
+
+
+def load_shard(
+    ref: dict[str, Any],
+    plans: dict[str, dict[str, str]],
+    *,
+    settings: Settings | None = None,
+    access: S3Access | None = None,
+) -> dict[str, Any]:
+    """Return the full shard a reference names (``load_shards``)."""
+    return load_shards([ref], plans, settings=settings, access=access)[0]
+
+
+def load_results(
+    shards: list[dict[str, Any]], done: Iterable[str], *, settings: Settings | None = None, access: S3Access | None = None
+) -> list[dict[str, Any]]:
+    """Return the result of each shard in ``done`` (shard ids), read from ``<output>/_shards/<id>.json``.
+
+    ``runner.run_shard`` writes that file last, after every feature it
+    names, so an ``extract_shard`` that succeeded passes only its shard id
+    through XCom and its result is read back here.
+
+    Raises:
+        PlanMismatch: a finished shard's result file is missing or unreadable.
+    """
+    from cnn_features.runner import SHARD_RESULTS_DIR
+
+    wanted = set(done)
+    results: list[dict[str, Any]] = []
+    stores: dict[str, Store] = {}
+    for shard in shards:
+        if shard["shard_id"] not in wanted:
+            continue
+        output = shard["output"]
+        store = stores.get(output) or stores.setdefault(output, open_store(output, settings, access=access))
+        rel = f"{SHARD_RESULTS_DIR}/{shard['shard_id']}.json"
+        try:
+            result = json.loads(store.read(rel))
+        except (StoreError, ValueError) as exc:
+            msg = f"{store.name(rel)}: result of finished shard {shard['shard_id']} unreadable ({exc}); clear that shard"
+            raise PlanMismatch(msg) from None
+        results.append(result)
+    return results

@@ -3,8 +3,10 @@
 Layout, one folder per DAG run under ``$CNN_FEATURES_HOME/progress``, named
 ``run=<run id>`` with unsafe characters escaped (``folder_name``)::
 
-    progress/<run folder>/plan.json          every shard of the run (id, label, dataset, files, ignored),
-                                             or the plan's error when plan_shards failed
+    progress/<run folder>/plan.json          every shard of the run (id, label, dataset, file count, ignored),
+                                             a note when the shard size was raised, or the plan's
+                                             error when plan_shards failed; the file lists themselves
+                                             lie in each output's _plans/<sha256>.json
     progress/<run folder>/<shard_id>.jsonl   one JSON record per line, appended as the shard runs
     progress/<run folder>/verification.json  verify_features' outcome: passed, counts, problems
     progress/<run folder>/probe.json         probe_gpu's report: usable, device, versions, error, fix
@@ -92,13 +94,18 @@ def run_folder(root: Path, run_id: str) -> Path:
     return new
 
 
-def write_plan(folder: Path, run_id: str, shards: list[dict[str, Any]]) -> None:
-    """Record every shard of a run before any of them starts."""
+def write_plan(folder: Path, run_id: str, shards: list[dict[str, Any]], *, note: str | None = None) -> None:
+    """Record every shard of a run before any of them starts: counts per shard, never file lists.
+
+    ``note`` says why the shard size differs from the one asked for (raised
+    to keep within Airflow's core.max_map_length); the page shows it.
+    """
     write_json_atomic(
         folder / PLAN_NAME,
         {
             "run_id": run_id,
             "created": time.time(),
+            **({"note": note} if note else {}),
             "shards": [
                 {
                     "shard_id": s["shard_id"],

@@ -114,6 +114,7 @@ class RunProgress:
     error: str | None = None  # why the run failed, when the plan or verification says
     dag_state: str | None = None  # the Airflow DAG run's state, where Airflow was asked
     probe: dict[str, Any] | None = None  # probe_gpu's report (progress.PROBE_FIELDS), once it has run
+    note: str | None = None  # the plan's note: the shard size was raised to fit core.max_map_length
 
     @property
     def shards(self) -> tuple[ShardProgress, ...]:
@@ -363,6 +364,7 @@ def load_run(folder: Path, *, dag_state: str | None = None) -> RunProgress:
         error=error,
         dag_state=dag_state,
         probe=read_probe(folder),
+        note=str(plan["note"]) if plan.get("note") else None,
     )
 
 

@@ -428,6 +428,8 @@ def _run_locked(
         "device": final.device,
         "device_reason": reason if fallback_reason is None else "fell back to CPU after the GPU attempt failed",
         "fallback_reason": fallback_reason,
+        # Who ran it (host, Celery worker, queue), when the caller says.
+        "worker": spec.get("worker"),
         "attempts": [
             {"device": a.device, "status": a.status, "error": a.error, "elapsed_s": round(a.elapsed_s, 3)}
             for a in attempts

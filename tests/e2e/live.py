@@ -46,6 +46,7 @@ from airflow_local import (  # noqa: E402
     wait_for,
 )
 
+from cnn_features.plan import load_shards  # noqa: E402
 from cnn_features.progress import run_folder  # noqa: E402
 from cnn_features.progress_report import RunProgress, load_run  # noqa: E402
 
@@ -80,11 +81,14 @@ class LiveAirflow:
         return str(self.api.trigger(DAG_ID, conf, note=note)["dag_run_id"])
 
     def shard_files(self, run_id: str) -> dict[str, list[str]]:
-        """Return each shard's files (relative to its dataset), from plan_shards' XCom through the REST API."""
-        path = f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/plan_shards/xcomEntries/return_value"
+        """Return each shard's files (relative to its dataset): plan_shards' XComs through the REST API, then the plan files they name."""
+        entries = f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/plan_shards/xcomEntries"
+        refs, plans = (self._xcom(f"{entries}/{key}") for key in ("return_value", "plans"))
+        return {s["shard_id"]: list(s["files"]) for s in load_shards(refs, plans)}
+
+    def _xcom(self, path: str) -> Any:
         value = self.api.call("GET", path, params={"deserialize": True})["value"]
-        shards = json.loads(value) if isinstance(value, str) else value
-        return {s["shard_id"]: list(s["files"]) for s in shards}
+        return json.loads(value) if isinstance(value, str) else value
 
     def progress_folder(self, run_id: str) -> Path:
         """Return a run's progress-record folder."""

@@ -9,6 +9,7 @@ data folder; the "GPU" worker has no GPU here, so its shards fall back to CPU.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -161,12 +162,15 @@ def test_documented_celery_command_starts_the_stack_and_stops_it_all_on_ctrl_c(t
         assert sock.connect_ex(("127.0.0.1", port)) != 0
 
 
-def _results(live: LiveAirflow, run_id: str, task_id: str) -> list[dict[str, Any]]:
-    """Return the XCom result of every mapped instance of ``task_id`` in a run."""
+def _results(live: LiveAirflow, run_id: str, task_id: str, conf: dict[str, Any]) -> list[dict[str, Any]]:
+    """Return the result of every mapped instance of ``task_id`` in a run: its XCom names the shard, whose
+    whole result lies in the output's ``_shards/<id>.json``."""
     out = []
     for ti in live.api.mapped(DAG_ID, run_id, task_id):
         path = f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries/return_value"
-        out.append(live.api.call("GET", path, params={"map_index": ti["map_index"], "deserialize": True})["value"])
+        shard_id = live.api.call("GET", path, params={"map_index": ti["map_index"], "deserialize": True})["value"]
+        dataset = next(name for name in conf["datasets"] if shard_id.startswith(f"{name}-"))
+        out.append(json.loads((Path(conf["datasets"][dataset]["output"]) / "_shards" / f"{shard_id}.json").read_text()))
     return out
 
 
@@ -184,7 +188,7 @@ def test_shards_run_on_the_gpu_worker_and_results_name_it(celery_live: LiveAirfl
     conf = live.conf("celery_gpu", datasets=("ravdess",), shard_size=100)
     run_id = live.trigger(conf)
     assert live.api.wait_run(DAG_ID, run_id)["state"] == "success"
-    results = _results(live, run_id, "extract_shard_gpu")
+    results = _results(live, run_id, "extract_shard_gpu", conf)
     assert len(results) == 2
     hosts = {ti["hostname"] for ti in live.api.mapped(DAG_ID, run_id, "extract_shard_gpu")}
     assert {(r["worker"]["celery_worker"], r["worker"]["queue"], r["worker"]["hostname"]) for r in results} == {
@@ -204,7 +208,7 @@ def test_without_a_gpu_worker_the_run_completes_on_cpu_workers(celery_live: Live
         conf = live.conf("celery_cpu", datasets=("ravdess",), shard_size=100)
         run_id = live.trigger(conf)
         assert live.api.wait_run(DAG_ID, run_id)["state"] == "success"
-        results = _results(live, run_id, "extract_shard")
+        results = _results(live, run_id, "extract_shard", conf)
         assert len(results) == 2
         assert {(r["worker"]["celery_worker"], r["worker"]["queue"]) for r in results} == {(f"cpu@{HOST}", "default")}
         _all_features_valid(live, conf)
@@ -248,7 +252,7 @@ def test_celery_worker_killed_mid_shard_is_retried_on_the_other_worker(celery_li
         assert run["state"] == "success"
         (ti,) = live.api.mapped(DAG_ID, run_id, "extract_shard")
         assert ti["try_number"] >= 2
-        (result,) = _results(live, run_id, "extract_shard")
+        (result,) = _results(live, run_id, "extract_shard", conf)
         assert result["worker"]["celery_worker"] == f"{survivor}@{HOST}"
         assert result["skipped_existing"] > 0  # the retry kept what the killed try had written
         _all_features_valid(live, conf)

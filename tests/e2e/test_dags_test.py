@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +16,7 @@ import numpy as np
 import pytest
 
 from cnn_features.demo import generate
+from cnn_features.progress import run_folder
 from tests.conftest import add_bad_inputs
 
 REPO = Path(__file__).resolve().parents[2]
@@ -107,6 +111,30 @@ def test_rerun_skips_everything_already_extracted(stack: dict[str, Any]) -> None
     assert before == after
     shard = json.loads((Path(stack["datasets"]["crema_d"]["output"]) / "_shards" / "crema_d-0001.json").read_text())
     assert shard["extracted"] == 0 and shard["skipped_existing"] == 100
+
+
+def test_file_lists_stay_out_of_xcom_and_the_shards_fit_max_map_length(stack: dict[str, Any]) -> None:
+    """With max_map_length 3, the shard size is raised so both datasets make 3 shards, said on the plan record; XCom holds no file name."""
+    env = {**stack["env"], "AIRFLOW__CORE__MAX_MAP_LENGTH": "3"}
+    full = {"datasets": stack["datasets"], "device": "auto", "shard_size": 100, "max_bad_fraction": 0.2}
+    airflow("dags", "test", "cnn_feature_extraction", "-c", json.dumps(full), log=stack["log"], env=env)
+    with contextlib.closing(sqlite3.connect(stack["root"] / "airflow" / "airflow.db")) as db:
+        (run_id,) = db.execute(
+            "SELECT run_id FROM dag_run WHERE dag_id = 'cnn_feature_extraction' ORDER BY id DESC LIMIT 1"
+        ).fetchone()
+        xcoms = db.execute("SELECT task_id, key, CAST(value AS TEXT) FROM xcom WHERE run_id = ?", (run_id,)).fetchall()
+    record = json.loads((run_folder(Path(stack["env"]["CNN_FEATURES_HOME"]) / "progress", run_id) / "plan.json").read_text())
+    assert len(record["shards"]) == 3 and "shard_size raised from 100 to" in record["note"]
+    refs = json.loads(next(value for task, key, value in xcoms if task == "plan_shards" and key == "return_value"))
+    assert [r["label"] for r in refs] == ["crema_d 1/2", "crema_d 2/2", "ravdess 1/1"]
+    assert sum(len(value) for _, _, value in xcoms) < 20_000, "every XCom of the run, small"
+    assert not [value for _, _, value in xcoms if ".npy" in value], "no file name travels through XCom"
+    plans = json.loads(next(value for task, key, value in xcoms if task == "plan_shards" and key == "plans"))
+    for name, io in stack["datasets"].items():
+        written = list((Path(io["output"]) / "_plans").glob("*.json"))  # this run's plan and the earlier runs'
+        assert all(path.stem == hashlib.sha256(path.read_bytes()).hexdigest() for path in written), name
+        assert plans[name] == {"output": io["output"], "digest": plans[name]["digest"]}
+        assert plans[name]["digest"] in {path.stem for path in written}
 
 
 def test_model_path_with_dotdot_is_refused_before_shards(stack: dict[str, Any]) -> None:

@@ -2,18 +2,33 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from cnn_features import plan
 from cnn_features.config import load_settings
-from cnn_features.errors import InvalidConf, ModelError, OutputConflict
+from cnn_features.errors import InvalidConf, ModelError, OutputConflict, PlanMismatch
 from cnn_features.plan import DatasetIO, check_model, claim_output, plan_dataset, validate_conf
 from tests.conftest import make_ravdess
+
+# Model files for plans that never load them: planning copies the file into
+# each output it claims, so it must exist; its bytes are never a model.
+_FAKE_MODELS = Path(tempfile.mkdtemp(prefix="cnn-fake-models-"))
+atexit.register(shutil.rmtree, _FAKE_MODELS, True)
+
+
+def fake_model(name: str) -> str:
+    """Return the path of a small file standing in for model ``name``."""
+    path = _FAKE_MODELS / f"{name}.keras"
+    path.write_bytes(f"not a model: {name}".encode())
+    return str(path)
 
 
 def conf_for(home: Path, **overrides: Any) -> dict[str, Any]:
@@ -111,10 +126,10 @@ def test_missing_and_corrupt_models_fail_before_shard_work(home: Path, tmp_path:
 def test_output_of_another_model_is_refused(tmp_path: Path) -> None:
     """Resuming into a folder made by a different model would mix feature spaces: refused."""
     io = DatasetIO("ravdess", tmp_path / "in", tmp_path / "out")
-    claim_output(io, {"sha256": "a" * 64, "digest": "d" * 64, "feature_dim": 256, "path": "/m/a.keras"})
-    claim_output(io, {"sha256": "a" * 64, "digest": "d" * 64, "feature_dim": 256, "path": "/m/a.keras"})
-    with pytest.raises(OutputConflict, match="holds features of model /m/a.keras"):
-        claim_output(io, {"sha256": "b" * 64, "digest": "e" * 64, "feature_dim": 256, "path": "/m/b.keras"})
+    claim_output(io, {"sha256": "a" * 64, "digest": "d" * 64, "feature_dim": 256, "path": fake_model("a")})
+    claim_output(io, {"sha256": "a" * 64, "digest": "d" * 64, "feature_dim": 256, "path": fake_model("a")})
+    with pytest.raises(OutputConflict, match=r"holds features of model .*/a\.keras"):
+        claim_output(io, {"sha256": "b" * 64, "digest": "e" * 64, "feature_dim": 256, "path": fake_model("b")})
 
 
 def test_the_same_weights_saved_again_are_the_same_model(tmp_path: Path) -> None:
@@ -123,15 +138,15 @@ def test_the_same_weights_saved_again_are_the_same_model(tmp_path: Path) -> None
     A folder claimed before digests were recorded is known by its file's SHA-256 and upgraded.
     """
     io = DatasetIO("ravdess", tmp_path / "in", tmp_path / "out")
-    claim_output(io, {"sha256": "a" * 64, "digest": "d" * 64, "feature_dim": 256, "path": "/m/a.keras"})
-    claim_output(io, {"sha256": "f" * 64, "digest": "d" * 64, "feature_dim": 256, "path": "/m/rebuilt.keras"})
+    claim_output(io, {"sha256": "a" * 64, "digest": "d" * 64, "feature_dim": 256, "path": fake_model("a")})
+    claim_output(io, {"sha256": "f" * 64, "digest": "d" * 64, "feature_dim": 256, "path": fake_model("rebuilt")})
     old = DatasetIO("ravdess", tmp_path / "in", tmp_path / "old")
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "_features.json").write_text(json.dumps({"model_sha256": "a" * 64, "feature_dim": 256, "model_path": "/m/a.keras"}))
-    claim_output(old, {"sha256": "a" * 64, "digest": "d" * 64, "feature_dim": 256, "path": "/m/a.keras"})
+    claim_output(old, {"sha256": "a" * 64, "digest": "d" * 64, "feature_dim": 256, "path": fake_model("a")})
     assert json.loads((tmp_path / "old" / "_features.json").read_text())["model_digest"] == "d" * 64
-    with pytest.raises(OutputConflict, match="holds features of model /m/a.keras"):
-        claim_output(old, {"sha256": "a" * 64, "digest": "e" * 64, "feature_dim": 256, "path": "/m/a.keras"})
+    with pytest.raises(OutputConflict, match=r"holds features of model .*/a\.keras"):
+        claim_output(old, {"sha256": "a" * 64, "digest": "e" * 64, "feature_dim": 256, "path": fake_model("a")})
 
 
 def test_a_checked_model_is_not_loaded_again(home: Path, reference_model: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -212,7 +227,7 @@ def test_two_first_runs_claiming_one_output_cannot_both_win(tmp_path: Path) -> N
         won: list[int] = []
 
         def claim(i: int, out: Path, barrier: threading.Barrier, won: list[int]) -> None:
-            model = {"sha256": f"{i:064x}", "digest": f"{i:064x}", "feature_dim": 256, "path": f"/m{i}.keras"}
+            model = {"sha256": f"{i:064x}", "digest": f"{i:064x}", "feature_dim": 256, "path": fake_model(f"m{i}")}
             barrier.wait()
             try:
                 claim_output(DatasetIO("ravdess", tmp_path / "in", out), model)
@@ -227,4 +242,128 @@ def test_two_first_runs_claiming_one_output_cannot_both_win(tmp_path: Path) -> N
             thread.join()
         assert len(won) == 1, f"attempt {attempt}: {len(won)} runs claimed {out}"
         assert json.loads((out / "_features.json").read_text())["model_sha256"] == f"{won[0]:064x}"
-        assert [p.name for p in out.iterdir()] == ["_features.json"]
+        assert sorted(p.name for p in out.iterdir()) == ["_features.json", "_models"]
+        assert [p.name for p in (out / "_models").iterdir()] == [f"{won[0]:064x}.keras"]  # the winner's model alone
+
+
+# --------------------------------------------------------------------------- plan files and references
+
+MODEL = {"sha256": "a" * 64, "digest": "d" * 64, "feature_dim": 256, "path": fake_model("a")}
+# What a run may push into XCom in all (the scale target, docs/benchmarks.md "Scale").
+MAX_XCOM_BYTES = 256 * 1024
+
+
+def two_datasets(tmp_path: Path, *, shard_size: int) -> plan.RunConf:
+    make_ravdess(tmp_path / "in" / "ravdess", actors=4, emotions=6)  # 24 files
+    crema = tmp_path / "in" / "crema_d"
+    crema.mkdir(parents=True)
+    for i in range(10):
+        np.save(crema / f"{1001 + i}_IEO_ANG_LO.npy", np.zeros((128, 16), np.float32))
+    datasets = tuple(DatasetIO(name, tmp_path / "in" / name, tmp_path / "out" / name) for name in ("crema_d", "ravdess"))
+    return plan.RunConf(datasets, "cpu", shard_size, None, 0.0)
+
+
+def test_each_plan_file_is_whole_and_named_by_its_digest(tmp_path: Path) -> None:
+    """publish_plan writes an index and a file per shard under _plans/<sha256>.json; the references load back every shard as planned."""
+    run = plan.make_plan(two_datasets(tmp_path, shard_size=4), MODEL, batch_size=8)
+    refs, plans = plan.publish_plan(run.shards)
+    assert refs == [{"dataset": s["dataset"], "shard_id": s["shard_id"], "label": s["label"]} for s in run.shards]
+    for name in ("crema_d", "ravdess"):
+        written = sorted((tmp_path / "out" / name / plan.PLANS_DIR).iterdir())  # no temporary left beside them
+        assert len(written) == 1 + sum(s["dataset"] == name for s in run.shards)
+        assert all(path.name == f"{plan.plan_digest(path.read_bytes())}.json" for path in written)
+        assert plans[name] == {"output": str(tmp_path / "out" / name), "digest": plans[name]["digest"]}
+        assert plans[name]["digest"] in {path.stem for path in written}
+    assert plan.load_shards(refs, plans) == run.shards
+    assert plan.load_shard(refs[3], plans) == run.shards[3], "one cleared shard reads back exactly its own files"
+
+
+def test_a_changed_or_missing_plan_file_is_refused_naming_it_and_both_digests(tmp_path: Path) -> None:
+    """A plan or shard file whose bytes no longer hash to their digest is refused; the message names the file and both digests."""
+    run = plan.make_plan(two_datasets(tmp_path, shard_size=4), MODEL, batch_size=8)
+    refs, plans = plan.publish_plan(run.shards)
+    folder = tmp_path / "out" / "crema_d" / plan.PLANS_DIR
+    _, own = plan.plan_files([s for s in run.shards if s["dataset"] == "crema_d"])
+    digest = plan.plan_digest(own["crema_d-0001"])
+    path = folder / f"{digest}.json"
+    changed = path.read_bytes().replace(b"1001_IEO_ANG_LO.npy", b"1001_IEO_ANG_MD.npy")
+    path.write_bytes(changed)
+    with pytest.raises(PlanMismatch, match=rf"{path}: plan of shard crema_d-0001 has SHA-256 {plan.plan_digest(changed)}, not {digest}"):
+        plan.load_shard(refs[0], plans)
+    assert plan.load_shard(refs[1], plans) == run.shards[1], "the other shards still load"
+    index = folder / f"{plans['crema_d']['digest']}.json"
+    index.write_bytes(index.read_bytes() + b" ")
+    with pytest.raises(PlanMismatch, match=rf"{index}: shard plan has SHA-256 [0-9a-f]{{64}}, not {plans['crema_d']['digest']}"):
+        plan.load_shard(refs[1], plans)
+    index.unlink()
+    with pytest.raises(PlanMismatch, match=rf"{index}: shard plan unreadable"):
+        plan.load_shard(refs[1], plans)
+    with pytest.raises(PlanMismatch, match="not a plan digest"):
+        plan.load_shard(refs[0], {"crema_d": {**plans["crema_d"], "digest": "../../etc/passwd"}})
+    with pytest.raises(PlanMismatch, match="holds no shard ravdess-0009"):
+        plan.load_shard({**refs[-1], "shard_id": "ravdess-0009"}, plans)
+
+
+def test_the_same_inputs_give_the_same_digests_and_ids(tmp_path: Path) -> None:
+    """Planning the same folders twice gives the same references; one more input file changes that dataset's digest only."""
+    conf = two_datasets(tmp_path, shard_size=4)
+    first = plan.publish_plan(plan.make_plan(conf, MODEL, batch_size=8).shards)
+    assert plan.publish_plan(plan.make_plan(conf, MODEL, batch_size=8).shards) == first
+    np.save(tmp_path / "in" / "crema_d" / "2001_IEO_SAD_HI.npy", np.zeros((128, 16), np.float32))
+    refs, plans = plan.publish_plan(plan.make_plan(conf, MODEL, batch_size=8).shards)
+    assert {name for name in plans if plans[name] != first[1][name]} == {"crema_d"}
+    assert refs == first[0], "same ids and labels: the new file falls into the last crema_d shard"
+
+
+def test_shard_size_is_raised_to_fit_max_map_length_and_says_so(tmp_path: Path) -> None:
+    """34 files in shards of 2 make 17 shards; with room for 5 the size becomes the smallest that fits, and the note says why."""
+    run = plan.make_plan(two_datasets(tmp_path, shard_size=2), MODEL, batch_size=8, max_shards=5)
+    assert len(run.shards) <= 5 and run.shard_size == 8 and run.requested_shard_size == 2
+    assert plan.shard_count([10, 24], 7) > 5, "a shard size one smaller would not fit"
+    assert run.note is not None and "shard_size raised from 2 to 8" in run.note and "core.max_map_length" in run.note
+    assert sum(len(s["files"]) for s in run.shards) == 34
+    roomy = plan.make_plan(two_datasets(tmp_path / "b", shard_size=2), MODEL, batch_size=8, max_shards=17)
+    assert (len(roomy.shards), roomy.shard_size, roomy.note) == (17, 2, None)
+
+
+@pytest.mark.parametrize(
+    ("counts", "size", "most", "fitted"),
+    [([1_000_000], 100, 1024, 977), ([10_000_000], 100, 1024, 9766), ([1_000_000, 7442], 100, 1024, 985), ([0, 5], 1, 5, 1)],
+)
+def test_fit_shard_size_picks_the_smallest_size_that_fits(counts: list[int], size: int, most: int, fitted: int) -> None:
+    """The fitted size keeps the total shard count within the limit, and one less would not."""
+    assert plan.fit_shard_size(counts, shard_size=size, max_shards=most) == fitted
+    assert plan.shard_count(counts, fitted) <= most
+    assert fitted == size or plan.shard_count(counts, fitted - 1) > most
+
+
+def test_more_datasets_than_max_map_length_is_refused() -> None:
+    """Three datasets with files cannot fit two mapped tasks at any size: refused naming the setting."""
+    with pytest.raises(InvalidConf, match="3 datasets need a shard each, over the 2 mapped tasks core.max_map_length"):
+        plan.fit_shard_size([5, 5, 5], shard_size=1, max_shards=2)
+
+
+def test_xcom_payload_stays_small_for_a_million_files(tmp_path: Path) -> None:
+    """A million-file listing cut to fit 1,024 shards pushes references of under 256 KB in all, with every shard id's result."""
+    names = [f"{1001 + i // 288:04d}_{i % 288:03d}.npy" for i in range(1_000_000)]
+    listing = plan.Listing(names, dict.fromkeys(names, 8320), {}, [])
+    io = DatasetIO("crema_d", tmp_path / "in", tmp_path / "features" / "crema_d")
+    size = plan.fit_shard_size([len(names)], shard_size=500, max_shards=1024)
+    shards = [{**s, "model": MODEL, "batch_size": 32} for s in plan.cut_shards(io, listing, shard_size=size)]
+    refs, plans = plan.publish_plan(shards)
+    done = [s["shard_id"] for s in shards]  # what each extract_shard pushes: its shard id
+    pushed = len(json.dumps(refs)) + len(json.dumps(plans)) + len(json.dumps(done))
+    assert len(refs) == 1024 and pushed <= MAX_XCOM_BYTES // 2, pushed
+    assert plan.load_shard(refs[-1], plans)["files"] == names[-len(shards[-1]["files"]) :]
+
+
+def test_results_are_read_back_from_the_output_for_finished_shards(tmp_path: Path) -> None:
+    """Each finished shard's result is read from <output>/_shards/<id>.json; a finished shard without one is refused by name."""
+    run = plan.make_plan(two_datasets(tmp_path, shard_size=20), MODEL, batch_size=8)
+    first = run.shards[0]
+    result = {"shard_id": first["shard_id"], "extracted": 10, "bad": []}
+    (tmp_path / "out" / "crema_d" / "_shards").mkdir(parents=True)
+    (tmp_path / "out" / "crema_d" / "_shards" / f"{first['shard_id']}.json").write_text(json.dumps(result))
+    assert plan.load_results(run.shards, [first["shard_id"]]) == [result]
+    with pytest.raises(PlanMismatch, match=r"ravdess-0001\.json: result of finished shard ravdess-0001 unreadable"):
+        plan.load_results(run.shards, [s["shard_id"] for s in run.shards])

@@ -256,6 +256,22 @@ def test_ignored_counts_come_from_the_plan(tmp_path: Path) -> None:
     assert (progress.ignored, progress.datasets[0].ignored) == (2, 2)
 
 
+def test_a_raised_shard_size_is_noted_on_the_run_page(tmp_path: Path) -> None:
+    """The plan's note (shard size raised to fit core.max_map_length) reaches the run and its page; a plan without one shows none."""
+    folder = run_folder(tmp_path, "r")
+    note = "shard_size raised from 10 to 977: ... (core.max_map_length)"
+    write_plan(folder, "r", [shard("ravdess", 1, 1, 3)], note=note)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "plugins"))
+    try:
+        import cnn_progress_page
+    finally:
+        sys.path.pop(0)
+    assert load_run(folder).note == note
+    assert '<p class="muted" id="run-note">shard_size raised from 10 to 977' in cnn_progress_page.render_run(load_run(folder), base="/")
+    write_plan(folder, "r", [shard("ravdess", 1, 1, 3)])
+    assert load_run(folder).note is None and "run-note" not in cnn_progress_page.render_run(load_run(folder), base="/")
+
+
 def test_every_run_is_listed_with_its_state_and_a_plan_error(tmp_path: Path) -> None:
     """The run list shows each run's state; a run whose plan failed shows the error; Airflow's runs without records are listed."""
     from cnn_features.progress import write_plan_error
