@@ -292,3 +292,46 @@ def test_broker_restart_mid_run_costs_one_try_per_unsent_task_and_the_run_comple
     wait_for(lambda: set(live.stack.workers()) == {f"cpu@{HOST}", f"gpu@{HOST}"} or None, timeout_s=120,
              what="both workers back on the broker")
     _all_features_valid(live, conf)
+
+
+def test_workers_with_their_own_data_folders_share_progress_and_the_model_travels_with_the_output(celery_live: LiveAirflow) -> None:
+    """Each Celery worker gets its own CNN_FEATURES_HOME, as on its own host, and the API server keeps another; corpus,
+    outputs and progress records are in the folder they share (CNN_FEATURES_PROGRESS_ROOT). The run completes, the
+    progress page (API server) shows every shard done with its plots, and each output holds the model copy any worker
+    without the file fetches. On one machine every worker can still see the planner's model path, so fetching the copy
+    is proven at the worker level (tests/include/test_lineage.py), not here."""
+    live = celery_live
+    shared = live.home
+    homes = {name: Path(tempfile.mkdtemp(prefix=f"cnn-e2e-{name}-home-")) for name in ("worker-cpu", "worker-gpu")}
+    for name, home in homes.items():
+        live.stack.restart(
+            name,
+            extra_env={
+                "CNN_FEATURES_HOME": str(home),
+                "CNN_FEATURES_PROGRESS_ROOT": str(shared / "progress"),
+                "CNN_FEATURES_ALLOWED_ROOTS": str(shared),
+            },
+            grace_s=60,
+        )
+    live.stack.wait_healthy()
+    try:
+        conf = live.conf("celery_hosts", datasets=("ravdess",), shard_size=100)
+        run_id = live.trigger(conf)
+        assert live.api.wait_run(DAG_ID, run_id)["state"] == "success"
+        _all_features_valid(live, conf)
+        page = live.api.call("GET", f"/cnn-progress/api/runs/{run_id}")
+        assert page["state"] == "success" and page["done"] == page["total"] == live.counts["ravdess"]
+        (dataset,) = page["datasets"]
+        assert {s["state"] for s in dataset["shards"]} == {"success"} and len(dataset["shards"]) == 2
+        assert page["plots"]
+        planners = [name for name, home in homes.items() if (home / "models" / "reference_cnn_v2.keras").is_file()]
+        assert len(planners) == 1  # the worker that ran plan_shards built the reference model in its own folder
+        copies = list((Path(conf["datasets"]["ravdess"]["output"]) / "_models").glob("*.keras"))
+        assert [c.read_bytes() for c in copies] == [(homes[planners[0]] / "models" / "reference_cnn_v2.keras").read_bytes()]
+        assert not any((home / "progress").exists() for home in homes.values())  # no record stranded on a worker
+    finally:
+        for name in homes:
+            live.stack.restart(name, grace_s=60)
+        live.stack.wait_healthy()
+        for home in homes.values():
+            shutil.rmtree(home, ignore_errors=True)
