@@ -1,4 +1,10 @@
-"""A client of Airflow's REST API v2 for the tests and the benchmark: trigger, poll, clear, read logs."""
+"""A client of Airflow's REST API v2 for the tests and the benchmark: trigger, poll, clear, read logs.
+
+Runs, task instances, clears and logs go through the official
+``apache-airflow-client``; only what it does not cover (the grid view's
+summaries, the progress page's routes, raw checks of status codes) is plain
+HTTP with the same token.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 import httpx
+from airflow_client import client as af
+from airflow_client.client.api.dag_run_api import DagRunApi
+from airflow_client.client.api.task_instance_api import TaskInstanceApi
 from local_services import ServiceError, wait_for
 
 # Run states after which nothing more happens to a run.
@@ -33,6 +42,33 @@ class AirflowApi:
     password: str
     _token: str | None = field(default=None, repr=False)
     _client: httpx.Client = field(default_factory=lambda: httpx.Client(timeout=60.0), repr=False)
+    _official: af.ApiClient | None = field(default=None, repr=False)
+
+    def _api(self, kind: type[Any], *, refresh: bool = False) -> Any:
+        """Return an ``apache-airflow-client`` API object of ``kind`` holding the current token."""
+        token = self.token(refresh=refresh)
+        if self._official is None or self._official.configuration.access_token != token:
+            self._official = af.ApiClient(af.Configuration(host=self.base_url, access_token=token))
+        return kind(self._official)
+
+    def _typed(self, kind: type[Any], method: str, *args: Any, raw: bool = False, **kwargs: Any) -> Any:
+        """Call ``kind().method(*args, **kwargs)`` with the official client; log in again once on a 401; return plain JSON data
+        (the client's model with ``raw``).
+
+        Raises:
+            ApiError: any other error status; the message holds the body.
+        """
+        for attempt in range(2):
+            try:
+                got = getattr(self._api(kind, refresh=attempt > 0), method)(*args, **kwargs)
+            except af.ApiException as exc:
+                if exc.status == 401 and attempt == 0:
+                    continue
+                msg = f"{method}: {exc.status} {str(exc.body)[:2000]}"
+                raise ApiError(msg) from None
+            return got if raw or not hasattr(got, "model_dump") else got.model_dump(mode="json", by_alias=True)
+        msg = f"{method}: still unauthorised after logging in again"
+        raise ApiError(msg)
 
     def token(self, *, refresh: bool = False) -> str:
         """Return a JWT for the user, logging in on first use (or when asked to refresh)."""
@@ -67,22 +103,20 @@ class AirflowApi:
 
     def trigger(self, dag_id: str, conf: dict[str, Any], *, note: str | None = None) -> dict[str, Any]:
         """Trigger a run with ``conf`` as the UI's trigger form does (logical date now); return the run."""
-        body = {"logical_date": datetime.now(UTC).isoformat(), "conf": conf, "note": note}
-        return self.call("POST", f"/api/v2/dags/{dag_id}/dagRuns", json=body)
+        body = af.TriggerDAGRunPostBody(logical_date=datetime.now(UTC), conf=conf, note=note)
+        return self._typed(DagRunApi, "trigger_dag_run", dag_id, body)
 
     def run(self, dag_id: str, run_id: str) -> dict[str, Any]:
         """Return a DAG run."""
-        return self.call("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}")
+        return self._typed(DagRunApi, "get_dag_run", dag_id, run_id)
 
     def task_instances(self, dag_id: str, run_id: str) -> list[dict[str, Any]]:
         """Return every task instance of a run, mapped ones included, with their rendered names."""
-        data = self.call("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances", params={"limit": 1000})
-        return list(data["task_instances"])
+        return list(self._typed(TaskInstanceApi, "get_task_instances", dag_id, run_id, limit=1000)["task_instances"])
 
     def mapped(self, dag_id: str, run_id: str, task_id: str) -> list[dict[str, Any]]:
         """Return a mapped task's instances, as the grid lists them when its box is clicked."""
-        path = f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/listMapped"
-        return list(self.call("GET", path, params={"limit": 1000})["task_instances"])
+        return list(self._typed(TaskInstanceApi, "get_mapped_task_instances", dag_id, run_id, task_id, limit=1000)["task_instances"])
 
     def grid_summary(self, dag_id: str, run_id: str) -> dict[str, Any]:
         """Return the grid view's per-task summary of a run (``/ui/grid/ti_summaries``, NDJSON)."""
@@ -94,15 +128,27 @@ class AirflowApi:
         return next(line for line in lines if line.get("run_id") == run_id)
 
     def clear(self, dag_id: str, run_id: str, task_ids: list[Any], *, dry_run: bool = False) -> list[dict[str, Any]]:
-        """Clear failed task instances (``[task_id, map_index]`` pairs) of a run and their downstream."""
-        body = {"dag_run_id": run_id, "task_ids": task_ids, "include_downstream": True, "only_failed": True, "dry_run": dry_run}
-        return list(self.call("POST", f"/api/v2/dags/{dag_id}/clearTaskInstances", json=body)["task_instances"])
+        """Clear failed task instances (``[task_id, map_index]`` pairs, or task ids) of a run and their downstream."""
+        body = af.ClearTaskInstancesBody(
+            dag_run_id=run_id,
+            task_ids=[af.ClearTaskInstancesBodyTaskIdsInner(t) for t in task_ids],
+            include_downstream=True,
+            only_failed=True,
+            dry_run=dry_run,
+        )
+        return list(self._typed(TaskInstanceApi, "post_clear_task_instances", dag_id, body)["task_instances"])
 
     def task_log(self, dag_id: str, run_id: str, task_id: str, try_number: int, *, map_index: int = -1) -> str:
         """Return a task try's log as text."""
-        path = f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/logs/{try_number}"
-        data = self.call("GET", path, params={"map_index": map_index, "full_content": True}, headers={"Accept": "application/json"})
-        content = data.get("content", "")
+        # Raw JSON: the client's log model drops each message's extra fields, the error details among them.
+        got = self._typed(
+            TaskInstanceApi, "get_log_without_preload_content", dag_id, run_id, task_id, try_number,
+            raw=True, full_content=True, map_index=map_index, accept="application/json",
+        )
+        if got.status >= 300:
+            msg = f"task log of {task_id} try {try_number}: {got.status} {got.data[:2000]!r}"
+            raise ApiError(msg)
+        content = json.loads(got.data).get("content", "")
         if not isinstance(content, list):
             return str(content)
         lines = []
@@ -145,3 +191,5 @@ class AirflowApi:
     def close(self) -> None:
         """Close the HTTP connections."""
         self._client.close()
+        if self._official is not None:
+            self._official.rest_client.pool_manager.clear()
