@@ -38,7 +38,6 @@ from typing import Any
 
 from cnn_features.errors import InvalidSpectrogram, StoreError
 from cnn_features.spectrogram import MAX_INPUT_BYTES
-from cnn_features.storage import MAX_FEATURE_FILE_BYTES, check_feature_bytes
 from cnn_features.stores import LocalStore, Store
 
 # Folder of the pipeline's own records in an output (shard results and
@@ -159,28 +158,6 @@ def matching_entry(found: list[dict[str, Any]], *, feature_sha256: str, model_di
         (e for e in reversed(found) if e.get("model_digest") == model_digest and e.get("feature_sha256") == feature_sha256),
         None,
     )
-
-
-def feature_digests(output: Store, rels: Iterable[str], *, feature_dim: int) -> dict[str, str]:
-    """Return the SHA-256 of each of ``rels`` that holds a valid feature vector (reads in order, concurrent on S3)."""
-    digests: dict[str, str] = {}
-    wanted = list(rels)
-    if isinstance(output, LocalStore):  # one open and read each; a missing feature is simply not there
-        found: Iterable[tuple[str, bytes | InvalidSpectrogram]] = _read_local(output, wanted)
-    else:
-        found = output.read_many(((rel, 0) for rel in wanted), max_bytes=MAX_FEATURE_FILE_BYTES) if wanted else ()
-    for rel, data in found:
-        if not isinstance(data, InvalidSpectrogram) and check_feature_bytes(data, feature_dim=feature_dim)[1] is None:
-            digests[rel] = sha256_hex(data)
-    return digests
-
-
-def _read_local(output: LocalStore, rels: list[str]) -> Iterator[tuple[str, bytes | InvalidSpectrogram]]:
-    for rel in rels:
-        try:
-            yield rel, output.read(rel, max_bytes=MAX_FEATURE_FILE_BYTES)
-        except StoreError as exc:  # missing, unreadable, or too big to be a feature
-            yield rel, InvalidSpectrogram(str(exc))
 
 
 def reusable(

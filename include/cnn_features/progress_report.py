@@ -236,28 +236,26 @@ def run_state(shards_state: str, verification: str, *, dag_state: str | None = N
     return shards_state
 
 
-def read_verification(folder: Path) -> dict[str, Any] | None:
-    """Return the run's verification record, or None when verification has not recorded one."""
+def _read_record(path: Path) -> dict[str, Any] | None:
+    """Return a JSON object record, or None when it is absent, unreadable (logged) or not an object."""
     try:
-        record = json.loads((folder / VERIFICATION_NAME).read_text(encoding="utf-8"))
+        record = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return None
     except (OSError, json.JSONDecodeError) as exc:
-        log.warning("%s: unreadable (%s)", folder / VERIFICATION_NAME, exc)
+        log.warning("%s: unreadable (%s)", path, exc)
         return None
     return record if isinstance(record, dict) else None
+
+
+def read_verification(folder: Path) -> dict[str, Any] | None:
+    """Return the run's verification record, or None when verification has not recorded one."""
+    return _read_record(folder / VERIFICATION_NAME)
 
 
 def read_probe(folder: Path) -> dict[str, Any] | None:
     """Return the run's GPU probe report, or None when probe_gpu has not recorded one."""
-    try:
-        record = json.loads((folder / PROBE_NAME).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    except (OSError, json.JSONDecodeError) as exc:
-        log.warning("%s: unreadable (%s)", folder / PROBE_NAME, exc)
-        return None
-    return record if isinstance(record, dict) else None
+    return _read_record(folder / PROBE_NAME)
 
 
 def gpu_text(probe: dict[str, Any] | None) -> str:

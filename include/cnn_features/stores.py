@@ -310,13 +310,31 @@ def valid_features(
     if isinstance(store, S3Store):
         size = feature_file_size(feature_dim)
         return {rel for rel, got in (store.list() if listing is None else listing) if rel in wanted and got == size}
-    done: set[str] = set()
-    size = feature_file_size(feature_dim)
-    for rel in wanted:
+    return set(feature_digests(store, wanted, feature_dim=feature_dim))
+
+
+def feature_digests(store: Store, rels: Iterable[str], *, feature_dim: int) -> dict[str, str]:
+    """Return the SHA-256 of each of ``rels`` that holds a valid feature vector in ``store``.
+
+    Locally each file is opened and read once (a missing one is simply not
+    there); on S3 the reads are concurrent GETs, in order.
+    """
+    wanted = list(rels)
+    found: Iterable[tuple[str, bytes | InvalidSpectrogram]]
+    if isinstance(store, LocalStore):
+        found = _read_local_features(store, wanted)
+    else:
+        found = store.read_many(((rel, 0) for rel in wanted), max_bytes=MAX_FEATURE_FILE_BYTES) if wanted else ()
+    return {
+        rel: hashlib.sha256(data).hexdigest()
+        for rel, data in found
+        if not isinstance(data, InvalidSpectrogram) and check_feature_bytes(data, feature_dim=feature_dim)[1] is None
+    }
+
+
+def _read_local_features(store: LocalStore, rels: list[str]) -> Iterator[tuple[str, bytes | InvalidSpectrogram]]:
+    for rel in rels:
         try:
-            data = store.read(rel, max_bytes=MAX_FEATURE_FILE_BYTES)
-        except StoreError:  # missing, unreadable, or too big to be one
-            continue
-        if check_feature_bytes(data, feature_dim=feature_dim)[1] is None:
-            done.add(rel)
-    return done
+            yield rel, store.read(rel, max_bytes=MAX_FEATURE_FILE_BYTES)
+        except StoreError as exc:  # missing, unreadable, or too big to be a feature
+            yield rel, InvalidSpectrogram(str(exc))

@@ -44,7 +44,7 @@ from cnn_features.procs import PROGRESS_PREFIX, RESULT_PREFIX, die_with_parent, 
 from cnn_features.shipping import local_model
 from cnn_features.spectrogram import MAX_INPUT_BYTES, parse_spectrogram
 from cnn_features.storage import npy_bytes
-from cnn_features.stores import LocalStore, Store, open_store, valid_features
+from cnn_features.stores import LocalStore, Store, feature_digests, open_store, valid_features
 
 log = logging.getLogger("cnn_features.worker")
 
@@ -187,7 +187,7 @@ def _pending(
     tally.listing = _records_listing(output)
     if not isinstance(output, LocalStore):  # one listing says which objects have a feature's size
         candidates = sorted(valid_features(output, candidates, feature_dim=info["feature_dim"], listing=tally.listing))
-    digests = lineage.feature_digests(output, candidates, feature_dim=info["feature_dim"])
+    digests = feature_digests(output, candidates, feature_dim=info["feature_dim"])
     entries = lineage.load_entries(output, listing=tally.listing, shard_id=spec["shard_id"]) if digests else {}
     if any(rel not in entries for rel in digests):  # made under another shard size: look in every record
         entries = lineage.load_entries(output, listing=tally.listing)
