@@ -82,7 +82,8 @@ VARLEN_PER_LENGTH = 4
 SMOKE_VARLEN_LENGTHS = (40, 41, 42)
 SMOKE_VARLEN_PER_LENGTH = 2
 # Seconds a forked child may take before it counts as hung: a healthy CUDA
-# call answers in milliseconds; MEASURED.md saw a forked JAX child hang > 120 s.
+# call answers in milliseconds; a forked JAX child on an H100 hung past 120 s
+# (and on the H200 past this limit, docs/gpu.md).
 FORK_CHILD_TIMEOUT_S = 20.0
 # Largest GPU-vs-CPU relative difference accepted in full float32 (verification's limit).
 FLOAT32_RTOL = 1e-4

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 BACKENDS = ("tensorflow", "jax", "torch")
 # GPU matmul/convolution precision: full float32, or TensorFloat-32 (10-bit
 # mantissa inputs). Full float32 is the default: TF32 features differed from
-# CPU ones by 2.9e-4 relative on an H100, float32 by 2e-7 (MEASURED.md).
+# CPU ones by 4.15e-4 relative on an H200, float32 by 1.7e-7 (docs/gpu.md).
 PRECISIONS = ("float32", "tf32")
 # The CUDA_VISIBLE_DEVICES value that hides every GPU from a CPU child.
 NO_GPU = "-1"

@@ -58,7 +58,7 @@ DEFAULT_PASS_MEMORY_MB = 0
 DEFAULT_KERAS_BACKEND = "tensorflow"
 KERAS_BACKENDS = ("tensorflow", "jax", "torch")
 # GPU matmul/convolution precision: full float32 keeps GPU features within
-# ~2e-7 of CPU ones (TF32: 2.9e-4, MEASURED.md), so one dataset may mix devices.
+# ~2e-7 of CPU ones (TF32: 4.15e-4 on an H200, docs/gpu.md), so one dataset may mix devices.
 DEFAULT_GPU_PRECISION = "float32"
 GPU_PRECISIONS = ("float32", "tf32")
 # Largest relative difference between a GPU-made feature and its CPU re-extraction
