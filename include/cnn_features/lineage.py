@@ -21,7 +21,17 @@ feature file's current SHA-256, and its input's current digest. For a local
 input an unchanged (size, mtime_ns, ctime_ns, inode) stands in for hashing
 it again: the kernel sets ctime to "now" on every write and every
 ``utime``, so a file rewritten even with its size and mtime put back no
-longer matches and is hashed. S3 inputs are always hashed again.
+longer matches and is hashed. The stat is always that of the file whose
+bytes are read: a symlink's target (a DVC or git-annex link tree), never
+the link, so a target rewritten in place, or a link pointed at another
+file, no longer matches. The stat recorded with a feature is the ``fstat``
+of the very descriptor its input's bytes came from, and none at all when
+the file changed while or just before it was read
+(``spectrogram.read_input_stat``). S3 inputs are always hashed again.
+
+Lineage pieces left by killed workers are removed by a passing
+verification once every line of them is in a whole record
+(``covered_pieces``).
 """
 
 from __future__ import annotations
@@ -37,12 +47,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cnn_features.errors import InvalidSpectrogram, StoreError
+from cnn_features.names import SHARDS_DIR
 from cnn_features.spectrogram import MAX_INPUT_BYTES
 from cnn_features.stores import LocalStore, Store
 
 # Folder of the pipeline's own records in an output (shard results and
 # lineage); verification skips it.
-LINEAGE_DIR = "_shards"
+LINEAGE_DIR = SHARDS_DIR
 # A shard's records are ``<shard_id>.lineage.jsonl`` (whole, written when the
 # shard finishes) and ``<shard_id>.lineage-<attempt>[-<n>].jsonl`` (written
 # ahead by a running or killed worker).
@@ -92,14 +103,40 @@ def is_record(rel: str, shard_id: str | None = None) -> bool:
 
 
 def input_stat(source: Store, rel: str) -> list[int] | None:
-    """Return a local input's (size, mtime_ns, ctime_ns, inode), or None (S3, or it cannot be stat'ed)."""
+    """Return a local input's (size, mtime_ns, ctime_ns, inode) now, or None (S3, or nothing a read would get).
+
+    Links are followed as a read follows them (``LocalStore.stat``): this is
+    the stat of the bytes a read would get now.
+    """
     if not isinstance(source, LocalStore):
         return None
     try:
-        st = os.stat(source.root / rel, follow_symlinks=False)
-    except OSError:
+        return _stat_fields(source.stat(rel))
+    except InvalidSpectrogram:
         return None
+
+
+def read_stat(source: Store, rel: str) -> list[int] | None:
+    """Return the (size, mtime_ns, ctime_ns, inode) of the descriptor ``source.read_many`` last read ``rel`` from, once.
+
+    This, not a stat taken before or after the read, is what a record line
+    holds: it is the stat of the very bytes hashed. None for S3, and where
+    the file changed while or just before it was read (the next run then
+    hashes it again).
+    """
+    if not isinstance(source, LocalStore):
+        return None
+    st = source.take_read_stat(rel)
+    return None if st is None else _stat_fields(st)
+
+
+def _stat_fields(st: os.stat_result) -> list[int]:
     return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def is_piece(rel: str) -> bool:
+    """Tell whether ``rel`` is a lineage piece (written ahead by a running or killed worker), not a whole record."""
+    return is_record(rel) and not rel.endswith(f"{LINEAGE_MARK}{LINEAGE_SUFFIX}")
 
 
 def parse_lines(data: bytes) -> Iterator[dict[str, Any]]:
@@ -183,21 +220,70 @@ def reusable(
 def unchanged_inputs(source: Store, matches: dict[str, dict[str, Any]]) -> tuple[dict[str, dict[str, Any]], int]:
     """Return the entries of ``matches`` whose input still has the recorded digest (with its stat now), and how many were hashed.
 
-    An unchanged local stat trusts the recorded digest; any other input is read and hashed.
+    An unchanged local stat (of what a read would get: a link's target)
+    trusts the recorded digest; any other input is read and hashed, and a
+    kept one then carries the stat of the descriptor its bytes were hashed from.
     """
     kept: dict[str, dict[str, Any]] = {}
-    to_hash: dict[str, tuple[dict[str, Any], list[int] | None]] = {}
+    to_hash: dict[str, dict[str, Any]] = {}
     for rel, match in matches.items():
         stat = input_stat(source, rel)
         if stat is not None and match.get("input_stat") == stat:
             kept[rel] = match
         else:
-            to_hash[rel] = (match, stat)
+            to_hash[rel] = match
     for rel, data in source.read_many(((rel, 0) for rel in to_hash), max_bytes=MAX_INPUT_BYTES) if to_hash else ():
-        match, stat = to_hash[rel]
+        stat = read_stat(source, rel)
+        match = to_hash[rel]
         if not isinstance(data, InvalidSpectrogram) and sha256_hex(data) == match.get("input_sha256"):
             kept[rel] = {**match, "input_stat": stat}
     return kept, len(to_hash)
+
+
+def covered_pieces(output: Store, *, idle_before: float) -> list[str]:
+    """Return the lineage pieces in ``output`` that reuse no longer needs: a whole record holds every line of each.
+
+    A line is held when a whole record (of any shard: a re-plan may have
+    moved its feature to another shard) names the same feature, model,
+    feature SHA-256 and input SHA-256, so removing the piece changes no
+    reuse decision. Only pieces last written before ``idle_before`` (POSIX
+    seconds) are looked at, since a live worker appends to its piece after
+    each pass; a piece holding a line of another record version is kept.
+    Nothing is read unless such a piece exists.
+    """
+    listed = output.modified(LINEAGE_DIR)
+    idle = [rel for rel, mtime in listed if is_piece(rel) and mtime < idle_before]
+    if not idle:
+        return []
+    wholes = [rel for rel, _ in listed if is_record(rel) and not is_piece(rel)]
+    held: set[tuple[Any, ...]] = set()
+    for _, data in output.read_many(((rel, 0) for rel in wholes), max_bytes=MAX_RECORD_BYTES) if wholes else ():
+        if not isinstance(data, InvalidSpectrogram):
+            held.update(_cover_key(entry) for entry in parse_lines(data))
+    covered: list[str] = []
+    for rel, data in output.read_many(((rel, 0) for rel in idle), max_bytes=MAX_RECORD_BYTES):
+        if isinstance(data, InvalidSpectrogram) or not _this_version_only(data):
+            continue
+        if all(_cover_key(entry) in held for entry in parse_lines(data)):
+            covered.append(rel)
+    return covered
+
+
+def _cover_key(entry: dict[str, Any]) -> tuple[Any, ...]:
+    """Return what a reuse decision reads from an entry: the feature, its model, and both digests."""
+    return (entry["feature"], entry.get("model_digest"), entry.get("feature_sha256"), entry.get("input_sha256"))
+
+
+def _this_version_only(data: bytes) -> bool:
+    """Tell whether every line of ``data`` that parses is of ``LINEAGE_VERSION`` (torn lines are skipped)."""
+    for raw in data.split(b"\n"):
+        try:
+            line = json.loads(raw) if raw.strip() else None
+        except ValueError:
+            continue
+        if line is not None and (not isinstance(line, dict) or line.get("v") != LINEAGE_VERSION):
+            return False
+    return True
 
 
 def _context_line(context_id: str, context: dict[str, Any]) -> bytes:

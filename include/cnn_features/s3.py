@@ -23,6 +23,7 @@ from typing import Any
 
 from cnn_features.config import Settings
 from cnn_features.errors import InvalidConf, InvalidSpectrogram, StoreError, StoreMissing
+from cnn_features.names import own_folder_reason
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,11 @@ _MISSING_CODES = frozenset({"NoSuchKey", "NoSuchBucket", "404", "NotFound"})
 # Error codes of a conditional PUT (If-None-Match: *) whose key already exists,
 # or is being created by a concurrent conditional PUT.
 _EXISTS_CODES = frozenset({"PreconditionFailed", "412", "ConditionalRequestConflict", "409"})
+# Names of the only input files whose features are written into an output.
+_SPECTROGRAM_SUFFIX = ".npy"
+# A key ending in this, holding no bytes, is a folder marker (the S3 console's
+# "Create folder", many sync tools): listing noise, not a file.
+_FOLDER_MARKER = "/"
 
 
 @dataclass(frozen=True)
@@ -103,15 +109,18 @@ def parse_s3_uri(field_name: str, raw: str) -> S3Location:
 
 
 def unsafe_key_reason(rel: str) -> str | None:
-    """Return why a key below a prefix cannot be a file of the dataset, or None.
+    """Return why a file or key below an input root cannot be a file of the dataset, or None.
 
     An S3 key may hold ``..``, ``.`` or empty segments; as a path relative to
     the prefix such a key would point elsewhere, so it is refused, not mapped.
+    A spectrogram whose feature would lie in one of the output's own folders
+    (``names.own_folder_reason``) is refused too; other files are never
+    written to the output, so they stay merely ignored.
     """
     segments = rel.split("/")
     if any(s in ("", ".", "..") for s in segments):
         return f"{rel}: key has an empty, '.' or '..' segment, which would leave the prefix; refused"
-    return None
+    return own_folder_reason(rel) if rel.endswith(_SPECTROGRAM_SUFFIX) else None
 
 
 @dataclass(frozen=True)
@@ -263,8 +272,9 @@ class S3Store:
         """Return (key relative to the prefix, size) of every object below it, sorted.
 
         One paginated listing. Keys with a segment starting with a dot are left
-        out, as hidden files are locally; keys that would leave the prefix are
-        listed, for the plan to refuse by name.
+        out, as hidden files are locally, and so are folder markers (zero-byte
+        keys ending in ``/``); keys that would leave the prefix, a non-empty
+        key ending in ``/`` among them, are listed, for the plan to refuse by name.
         """
         prefix = self.location.key() + "/" if self.location.prefix else ""
         found: list[tuple[str, int]] = []
@@ -273,9 +283,11 @@ class S3Store:
             paginator = self.client.get_paginator("list_objects_v2")
             for page in paginator.paginate(Bucket=self.location.bucket, Prefix=prefix):
                 for obj in page.get("Contents", []):
-                    rel = obj["Key"][len(prefix) :]
+                    rel, size = obj["Key"][len(prefix) :], int(obj["Size"])
+                    if size == 0 and rel.endswith(_FOLDER_MARKER):
+                        continue
                     if rel and not any(s.startswith(".") and s not in (".", "..") for s in rel.split("/")):
-                        found.append((rel, int(obj["Size"])))
+                        found.append((rel, size))
 
         self._call("ListObjectsV2", "", walk)
         return sorted(found)
@@ -384,6 +396,21 @@ class S3Store:
 
     def prepare(self, rels: Iterable[str]) -> None:
         """Nothing to prepare: S3 has no folders and, with single PUTs, no temporaries."""
+
+    def modified(self, folder: str) -> list[tuple[str, float]]:
+        """Return (rel, ``LastModified`` in POSIX seconds) of each object directly in ``folder``, sorted."""
+        prefix = self.location.key(folder) + "/"
+        found: list[tuple[str, float]] = []
+
+        def walk() -> None:
+            paginator = self.client.get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=self.location.bucket, Prefix=prefix, Delimiter="/"):
+                for obj in page.get("Contents", []):
+                    if name := obj["Key"][len(prefix) :]:
+                        found.append((f"{folder}/{name}", obj["LastModified"].timestamp()))
+
+        self._call("ListObjectsV2", folder, walk)
+        return sorted(found)
 
 
 class S3Writer:

@@ -7,6 +7,7 @@ import math
 import os
 import re
 import stat
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,14 @@ _MAGIC_LEN = len(_MAGIC) + 2
 # Bytes read first: every header numpy writes for a 2-D array (128 bytes in
 # format 1.0), and the start of the data.
 _HEAD_BYTES = 4096
+# A file changed less than this before it was read is read, but its stat does
+# not vouch for the bytes (``read_input_stat``): the kernel stamps ctime from
+# a clock that ticks every 1-10 ms, so a write in the same tick as the read's
+# ``fstat`` leaves it unchanged. Ten ticks of the coarsest clock; its only
+# cost is that the next run hashes such a file again.
+RACY_WINDOW_NS = 100_000_000
+# The clock a read is timed by, against file ctimes (the same real-time clock).
+_clock_ns = time.time_ns
 # The header exactly as numpy writes it: parsed with this instead of numpy's
 # tokenizer and ``ast.literal_eval`` (~70 us a file). Any other layout still
 # goes through numpy's parser.
@@ -245,19 +254,75 @@ def read_input(path: Path, name: str, *, inside: Path | None = None, max_bytes: 
     With ``inside`` (a resolved dataset root), a file that resolves outside
     it is refused. The size is checked from ``fstat`` before anything is read.
     """
+    return read_input_stat(path, name, inside=inside, max_bytes=max_bytes)[0]
+
+
+def read_input_stat(
+    path: Path, name: str, *, inside: Path | None = None, max_bytes: int
+) -> tuple[bytes, os.stat_result | None]:
+    """Return the whole file at ``path`` (as ``read_input``) and the ``fstat`` of the descriptor it was read from.
+
+    The stat is taken before the first byte is read, so it describes the
+    file whose bytes these are (a link's target, never the link). It is None
+    when the file changed while it was read (a second ``fstat`` differs) or
+    changed less than ``RACY_WINDOW_NS`` before it (a write within the same
+    timestamp tick would leave its ctime as it is): such a stat cannot vouch
+    for these bytes.
+    """
     fd = _open(path, name, inside)
     try:
-        size = os.fstat(fd).st_size
-        if size > max_bytes:
-            msg = f"{name}: {size:,} bytes, over the {max_bytes:,}-byte input limit; not read"
+        started = _clock_ns()
+        before = os.fstat(fd)
+        if before.st_size > max_bytes:
+            msg = f"{name}: {before.st_size:,} bytes, over the {max_bytes:,}-byte input limit; not read"
             raise InvalidSpectrogram(msg)
-        data = _read_exactly(fd, size + 1)
+        data = _read_exactly(fd, before.st_size + 1)
+        after = os.fstat(fd)
     except OSError as exc:
         msg = f"{name}: unreadable .npy ({exc.strerror or exc})"
         raise InvalidSpectrogram(msg) from None
     finally:
         os.close(fd)
-    return data
+    steady = _identity(before) == _identity(after) and len(data) == before.st_size
+    return data, before if steady and abs(started - before.st_ctime_ns) >= RACY_WINDOW_NS else None
+
+
+def stat_input(path: Path, name: str, *, inside: Path | None = None) -> os.stat_result:
+    """Return the stat of the regular file a read of ``path`` would get: links followed, as ``_open`` follows them.
+
+    A path that is itself a regular file costs one ``lstat``. A link is
+    resolved without opening what it names (``_locate``); with ``inside``
+    (a resolved dataset root) one that resolves outside it is refused.
+
+    Raises:
+        InvalidSpectrogram: missing, not a regular file, or outside ``inside``.
+    """
+    try:
+        found = os.lstat(path)
+        if stat.S_ISREG(found.st_mode):
+            return found
+        handle = _locate(path, name, inside)
+        if handle is None:  # no O_PATH or /proc: resolve the path instead
+            found = os.stat(path)
+            if inside is not None:
+                _check_inside(os.path.realpath(path), inside, name)
+        else:
+            try:
+                found = os.fstat(handle)
+            finally:
+                os.close(handle)
+    except OSError as exc:
+        msg = f"{name}: cannot stat ({exc.strerror or exc})"
+        raise InvalidSpectrogram(msg) from None
+    if not stat.S_ISREG(found.st_mode):
+        msg = f"{name}: not a regular file"
+        raise InvalidSpectrogram(msg)
+    return found
+
+
+def _identity(st: os.stat_result) -> tuple[int, ...]:
+    """Return what changes whenever a file's bytes do: device, inode, size, mtime and ctime."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def parse_spectrogram(

@@ -1,7 +1,8 @@
 """Where datasets and features live: a local folder or an S3 prefix, behind one small interface.
 
 The pipeline only ever lists a root, reads one file (or many, in order),
-writes one whole, and checks which features already exist. ``LocalStore``
+writes one whole, checks which features already exist, and asks when the
+files of one of its own folders were last written (to tidy them). ``LocalStore``
 keeps the local promises (nameless files linked in place, containment
 checked on the opened file); ``s3.S3Store`` keeps S3's (one PUT per object,
 visible whole or not at all; no temporary keys). ``open_store`` is the one
@@ -12,9 +13,11 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import functools
 import hashlib
 import os
+import threading
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -23,7 +26,7 @@ import numpy as np
 
 from cnn_features.errors import InvalidInput, InvalidSpectrogram, StoreError, StoreMissing
 from cnn_features.s3 import S3Access, S3Location, S3Store, is_s3, make_client
-from cnn_features.spectrogram import read_input
+from cnn_features.spectrogram import read_input_stat, stat_input
 from cnn_features.storage import (
     MAX_FEATURE_FILE_BYTES,
     check_feature_bytes,
@@ -41,6 +44,12 @@ Location = Path | S3Location
 # Files read ahead per reader thread of a local ``read_many``: enough to keep
 # every thread busy while the caller consumes, few enough to bound memory.
 READ_AHEAD_PER_THREAD = 4
+# Read stats a local store keeps for ``take_read_stat``, the oldest dropped
+# first: far more than a worker reads ahead of the features it records (a few
+# passes per stream), few enough (some MB) that a store only read, never
+# asked (a verification reading features), stays small. An input whose stat
+# was dropped is only hashed again on the next run.
+MAX_READ_STATS = 1 << 16
 
 
 class Writer(Protocol):
@@ -70,6 +79,7 @@ class Store(Protocol):
     def writer(self) -> Writer: ...
     def delete(self, rel: str) -> None: ...
     def prepare(self, rels: Iterable[str]) -> None: ...
+    def modified(self, folder: str) -> list[tuple[str, float]]: ...
 
 
 class LocalWriter:
@@ -103,6 +113,10 @@ class LocalStore:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.uri = str(root)
+        # The fstat of the descriptor each file was last read from by ``read_many``,
+        # where it vouches for the bytes, until ``take_read_stat`` takes it.
+        self._read_stats: dict[str, os.stat_result] = {}
+        self._read_stats_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"LocalStore({self.uri!r})"
@@ -176,14 +190,18 @@ class LocalStore:
         one thread the reads happen in the calling thread: on a CPU shard a
         local read takes ~0.1 ms and a reader thread would only add GIL
         hand-offs. A GPU shard outruns one reader, so it asks for several:
-        up to ``4 x threads`` files are then read ahead, in order.
+        up to ``4 x threads`` files are then read ahead, in order. The
+        ``fstat`` of each file's descriptor is kept for ``take_read_stat``.
         """
 
         def read(rel: str) -> bytes | InvalidSpectrogram:
             try:
-                return read_input(self.root / rel, rel, inside=self._inside, max_bytes=max_bytes)
+                data, stat = read_input_stat(self.root / rel, rel, inside=self._inside, max_bytes=max_bytes)
             except InvalidSpectrogram as exc:
+                self._keep_read_stat(rel, None)
                 return exc
+            self._keep_read_stat(rel, stat)
+            return data
 
         if threads <= 1:
             for rel, _ in items:
@@ -203,6 +221,27 @@ class LocalStore:
             finally:
                 for _, future in ahead:
                     future.cancel()
+
+    def _keep_read_stat(self, rel: str, stat: os.stat_result | None) -> None:
+        with self._read_stats_lock:
+            self._read_stats.pop(rel, None)
+            if stat is not None:
+                self._read_stats[rel] = stat
+                if len(self._read_stats) > MAX_READ_STATS:
+                    del self._read_stats[next(iter(self._read_stats))]
+
+    def take_read_stat(self, rel: str) -> os.stat_result | None:
+        """Return, once, the ``fstat`` of the descriptor ``read_many`` last read ``rel`` from (``spectrogram.read_input_stat``).
+
+        None when ``rel`` was not read, or when that stat cannot vouch for
+        the bytes read (the file changed while, or just before, it was read).
+        """
+        with self._read_stats_lock:
+            return self._read_stats.pop(rel, None)
+
+    def stat(self, rel: str) -> os.stat_result:
+        """Return the stat of the file a read of ``rel`` would get (a link's target); raise InvalidSpectrogram if none."""
+        return stat_input(self.root / rel, rel, inside=self._inside)
 
     def write(self, rel: str, data: bytes) -> None:
         """Write ``rel`` whole (``storage.write_atomic``), creating folders; raises OSError."""
@@ -237,6 +276,19 @@ class LocalStore:
     def stale_temps(self) -> list[str]:
         """Return temporaries left under the root by killed writers (relative paths)."""
         return stale_temps(self.root)
+
+    def modified(self, folder: str) -> list[tuple[str, float]]:
+        """Return (rel, modification time in POSIX seconds) of each file directly in ``folder``, sorted (none if absent)."""
+        listed: list[tuple[str, float]] = []
+        try:
+            with os.scandir(self.root / folder) as found:
+                for entry in found:
+                    with contextlib.suppress(FileNotFoundError):  # removed meanwhile: not there
+                        if entry.is_file(follow_symlinks=False):
+                            listed.append((f"{folder}/{entry.name}", entry.stat(follow_symlinks=False).st_mtime))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        return sorted(listed)
 
 
 def parse_location(raw: str | Path) -> Location:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,31 +14,34 @@ from cnn_features.config import Settings
 from cnn_features.crosscheck import check_dataset, describe
 from cnn_features.datasets import get_dataset, label_all
 from cnn_features.errors import InvalidSpectrogram, StoreError, VerificationFailed
+from cnn_features.names import MANIFEST_NAME, ORPHANS_DIR, PLANS_DIR, REPORT_NAME, is_own
+from cnn_features.plan import plan_digest, plan_file, plan_files
 from cnn_features.s3 import S3Access
 from cnn_features.storage import MAX_FEATURE_FILE_BYTES, check_feature_bytes
 from cnn_features.stores import LocalStore, Store, open_store
 
 log = logging.getLogger(__name__)
 
-REPORT_NAME = "verification_report.json"
-MANIFEST_NAME = "manifest.json"
-# Where verification moves feature files that have no input in the plan
-# (added by hand, or their input removed): kept, but out of the feature space.
-ORPHANS_DIR = "_orphans"
 # Problems listed in the task's error message; the report holds all of them.
 _MAX_LISTED = 50
+# A passing verification removes other runs' shard plans older than this: a
+# week leaves any shard of a recent run free to be cleared and re-run (it
+# reads its plan when it starts); a run cleared after that fails, naming the
+# missing plan file, and is triggered again. Every run writes its plan
+# afresh, so only a plan no run has written for a week is this old.
+PLAN_KEEP_S = 7 * 24 * 3600
+# ... and lineage pieces every line of which a whole record holds, once not
+# written for this long: a live worker appends to its piece after every pass.
+PIECE_IDLE_S = 3600
 
 
 def _scan_outputs(store: Store) -> tuple[dict[str, int], list[str]]:
     """Return feature files (relative, with sizes) and leftover temporaries under an output.
 
-    Folders starting with ``_`` hold the pipeline's own records, not features.
+    Only the pipeline's own top-level folders (``names.OWN_DIRS``) hold no
+    features: a corpus folder such as ``_extra/`` holds features like any other.
     """
-    features = {
-        rel: size
-        for rel, size in store.list()
-        if rel.endswith(".npy") and not any(part.startswith("_") for part in rel.split("/")[:-1])
-    }
+    features = {rel: size for rel, size in store.list() if rel.endswith(".npy") and not is_own(rel)}
     temps = store.stale_temps() if isinstance(store, LocalStore) else []
     return features, temps
 
@@ -94,7 +98,7 @@ def _check_lineage(
 
 
 def _move_orphans(store: Store, orphans: list[str]) -> list[str]:
-    """Move feature files with no input under ``ORPHANS_DIR``; return where each went."""
+    """Move feature files under ``names.ORPHANS_DIR`` (no input, or a bad one); return where each went."""
     moved: list[str] = []
     for rel in orphans:
         target = f"{ORPHANS_DIR}/{rel}"
@@ -111,6 +115,50 @@ def _move_orphans(store: Store, orphans: list[str]) -> list[str]:
             continue
         moved.append(f"{rel}: moved to {store.name(target)}")
     return moved
+
+
+def remove_leftovers(output: Store, shards: list[dict[str, Any]], *, now: float | None = None) -> list[str]:
+    """Remove what killed workers and earlier runs left in a passing dataset's output; return what went.
+
+    Two kinds of file go, and nothing a live or later-retried shard may
+    still need: shard plans (``_plans/``) other than this run's, last
+    written more than ``PLAN_KEEP_S`` ago, and lineage pieces of killed
+    workers every line of which a whole record holds, not written for
+    ``PIECE_IDLE_S`` (``lineage.covered_pieces``). When this run's own plan
+    files are not all found (the shards were not loaded from a published
+    plan), no plan is removed. A file that cannot be removed is logged and kept.
+    """
+    now = time.time() if now is None else now
+    try:
+        gone = _old_plans(output, shards, before=now - PLAN_KEEP_S)
+        gone += lineage.covered_pieces(output, idle_before=now - PIECE_IDLE_S)
+    except (OSError, StoreError) as exc:
+        log.warning("%s: leftovers not looked for: %s", output.uri, exc)
+        return []
+    removed: list[str] = []
+    for rel in gone:
+        try:
+            output.delete(rel)
+        except (OSError, StoreError) as exc:
+            log.warning("cannot remove leftover %s: %s", output.name(rel), exc)
+            continue
+        removed.append(rel)
+    if removed:
+        log.info("%s: removed %d leftover plan file(s) and lineage piece(s), e.g. %s", output.uri, len(removed), removed[0])
+    return removed
+
+
+def _old_plans(output: Store, shards: list[dict[str, Any]], *, before: float) -> list[str]:
+    """Return the plan files in ``output`` that are not this run's and were last written before ``before``."""
+    listed = output.modified(PLANS_DIR)
+    try:
+        index, own = plan_files(shards)
+    except KeyError:  # not the shards of a published plan: this run's files are unknown
+        return []
+    current = {plan_file(plan_digest(index)), *(plan_file(plan_digest(data)) for data in own.values())}
+    if not current <= {rel for rel, _ in listed}:
+        return []
+    return [rel for rel, mtime in listed if rel not in current and mtime < before]
 
 
 def _write_json(store: Store, rel: str, payload: Any) -> None:
@@ -132,7 +180,10 @@ def verify_dataset(
 
     Every feature must be valid, and its lineage must say this model made
     it from its input's current bytes. Feature files with no input in the
-    plan are moved aside (``ORPHANS_DIR``) and named.
+    plan are moved aside (``ORPHANS_DIR``) and named; so are, without
+    failing the dataset, those of inputs that are now bad (unreadable,
+    say): the stale vector stays out of the folder read as features. A
+    dataset that passes is then tidied (``remove_leftovers``).
     """
     output = open_store(shards[0]["output"], settings, access=access)
     source = open_store(shards[0]["input"], settings, access=access)
@@ -180,6 +231,8 @@ def verify_dataset(
             )
     orphans = sorted(set(found) - set(files))
     moved = _move_orphans(output, orphans)
+    stale = sorted(rel for rel in found if rel in bad)
+    stale_moved = _move_orphans(output, stale)
     ignored = sorted(rel for shard in shards for rel in shard.get("ignored", []))
     ignored_count = sum(int(shard.get("ignored_count", 0)) for shard in shards)
     bad_fraction = len(bad) / len(files) if files else 0.0
@@ -193,7 +246,7 @@ def verify_dataset(
         )
         problems += [f"{name}: bad input {reason}" for reason in bad.values()]
 
-    crosscheck = check_dataset(shards, results, bad=set(bad), settings=settings, access=access)
+    crosscheck = check_dataset(shards, entries, bad=set(bad), settings=settings, access=access)
     if not crosscheck["passed"]:
         problems.append(f"{name}: {describe(crosscheck)}")
     report = {
@@ -212,6 +265,8 @@ def verify_dataset(
         "invalid_features": invalid,
         "orphan_features": orphans,
         "orphans_moved": moved,
+        "bad_input_features": stale,
+        "bad_input_features_moved": stale_moved,
         "stale_temp_files": temps,
         "feature_dim": feature_dim,
         "devices": sorted({r.get("device", "?") for r in results.values()}),
@@ -223,6 +278,7 @@ def verify_dataset(
         "device_crosscheck": crosscheck,
         "problems": problems,
     }
+    report["leftovers_removed"] = remove_leftovers(output, shards) if report["passed"] else []
     # Training takes only a passing dataset's manifest (it checks ``passed``):
     # a failing dataset has none, and an older one is removed.
     if report["passed"]:
@@ -342,3 +398,5 @@ def _log_report(report: dict[str, Any]) -> None:
             len(report["orphan_features"]),
             report["orphan_features"][0],
         )
+    for moved in report["bad_input_features_moved"]:
+        log.warning("%s: feature of a bad input, stale: %s", report["dataset"], moved)

@@ -20,7 +20,7 @@ from cnn_features.plan import DatasetIO, check_model, plan_dataset
 from cnn_features.runner import run_shard
 from cnn_features.stores import LocalStore
 from cnn_features.verify import verify_run
-from tests.conftest import make_ravdess
+from tests.conftest import make_ravdess, tiny_spectrogram
 
 NO_GPU = {"usable": False, "error": "no GPU in tests"}
 
@@ -165,14 +165,14 @@ def test_a_folder_of_another_models_features_is_named_and_redone(
 def test_a_model_replaced_after_planning_is_refused_naming_both_digests(
     tmp_path: Path, home: Path
 ) -> None:
-    """The worker loads the model file the plan named; other weights under that name fail the shard, nothing is written."""
+    """Other weights under the plan's model name are not run; with no copy in the output the shard fails naming both SHA-256s, nothing is written."""
     model_path = tmp_path / "mine.keras"
     _save_model(model_path, seed=7)
     planned = check_model(model_path, load_settings())
     _save_model(model_path, seed=8)  # replaced between planning and the shard
     make_ravdess(tmp_path / "in", actors=1, emotions=2)
     shards = plan_dataset(DatasetIO("ravdess", tmp_path / "in", tmp_path / "out"), shard_size=10)
-    with pytest.raises(ShardFailed, match=rf"digest \(architecture and weights\) is [0-9a-f]{{64}}, but the plan checked {planned['digest']}"):
+    with pytest.raises(ShardFailed, match=rf"the file on this host has SHA-256 [0-9a-f]{{64}}, not the plan's {planned['sha256']}"):
         _run(shards, planned)
     assert not list((tmp_path / "out").rglob("*.npy"))
 
@@ -274,3 +274,91 @@ def test_a_worker_without_the_model_file_fetches_the_outputs_copy_checked_by_sha
         (tmp_path / "out" / rel).unlink()
     with pytest.raises(ShardFailed, match=rf"model copy .*{model_name(planned['sha256'])}: SHA-256 [0-9a-f]{{64}} on arrival, expected {planned['sha256']}"):
         _run(shards, planned)
+
+
+def _link_tree(root: Path, *, actors: int, emotions: int) -> list[str]:
+    """Write a corpus whose inputs are relative links into a hidden store inside the root, as DVC and git-annex keep one."""
+    rels = make_ravdess(root.parent / "plain", actors=actors, emotions=emotions)
+    for i, rel in enumerate(rels):
+        (root / ".annex").mkdir(parents=True, exist_ok=True)
+        os.replace(root.parent / "plain" / rel, root / ".annex" / f"{i}.npy")
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).symlink_to(f"../.annex/{i}.npy")
+    return rels
+
+
+def _relink(link: Path, target: str) -> None:
+    """Point ``link`` at ``target``, replacing it in one rename, as ``ln -sfn`` would."""
+    link.with_name(link.name + ".new").symlink_to(target)
+    os.replace(link.with_name(link.name + ".new"), link)
+
+
+def test_a_link_tree_input_is_judged_by_the_target_it_reads(tmp_path: Path, reference_model: dict[str, Any]) -> None:
+    """Inputs that are links into the root: a target rewritten in place and a link pointed at another file are each
+    named by verification and re-extracted; the manifest then records every input's current SHA-256."""
+    rels = _link_tree(tmp_path / "in", actors=1, emotions=3)
+    inp, out = tmp_path / "in", tmp_path / "out"
+    shards = plan_dataset(DatasetIO("ravdess", inp, out), shard_size=10)
+    assert shards[0]["rejected"] == {}
+    assert sum(r["extracted"] for r in _run(shards, reference_model)) == 3
+    assert _problems(shards, reference_model) == ""
+    rewritten, relinked = rels[0], rels[1]
+    np.save((inp / rewritten).resolve(), tiny_spectrogram(901), allow_pickle=False)  # in place: same inode
+    np.save(inp / ".annex" / "other.npy", tiny_spectrogram(902), allow_pickle=False)
+    _relink(inp / relinked, "../.annex/other.npy")
+    problems = _problems(shards, reference_model)
+    assert {rel for rel in rels if rel in problems} == {rewritten, relinked}, problems
+    results = _run(shards, reference_model)
+    assert (sum(r["extracted"] for r in results), sum(r["skipped_existing"] for r in results)) == (2, 1)
+    assert _problems(shards, reference_model) == ""
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {i["feature"]: i["input_sha256"] for i in manifest["items"]} == {
+        rel: lineage.sha256_hex((inp / rel).read_bytes()) for rel in rels
+    }
+
+
+def test_the_stat_a_read_records_is_that_of_the_descriptor_its_bytes_came_from(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read keeps the fstat of what it read (a link's target, not the link), once; none when the file grew while
+    it was read or changed within the racy window before; a link now resolving outside the root has no stat."""
+    from cnn_features import spectrogram
+
+    root = tmp_path / "in"
+    (root / ".annex").mkdir(parents=True)
+    target = root / ".annex" / "a.npy"
+    np.save(target, tiny_spectrogram(1), allow_pickle=False)
+    (root / "x.npy").symlink_to(".annex/a.npy")
+    store = LocalStore(root)
+    ctime = target.stat().st_ctime_ns
+
+    def read() -> None:
+        ((_, data),) = store.read_many([("x.npy", 0)], max_bytes=spectrogram.MAX_INPUT_BYTES)
+        assert isinstance(data, bytes)
+
+    monkeypatch.setattr(spectrogram, "_clock_ns", lambda: ctime + spectrogram.RACY_WINDOW_NS)
+    read()
+    st = target.stat()
+    fields = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+    assert lineage.read_stat(store, "x.npy") == fields and lineage.read_stat(store, "x.npy") is None
+    assert lineage.input_stat(store, "x.npy") == fields and os.lstat(root / "x.npy").st_ino != st.st_ino
+
+    monkeypatch.setattr(spectrogram, "_clock_ns", lambda: ctime + spectrogram.RACY_WINDOW_NS - 1)
+    read()
+    assert lineage.read_stat(store, "x.npy") is None
+
+    monkeypatch.setattr(spectrogram, "_clock_ns", lambda: 2 * ctime)
+    real_read = spectrogram._read_exactly
+
+    def growing(fd: int, size: int) -> bytes:
+        with open(target, "ab") as fh:  # a writer appends while the read is under way
+            fh.write(b"\0" * 8)
+        return real_read(fd, size)
+
+    monkeypatch.setattr(spectrogram, "_read_exactly", growing)
+    read()
+    assert lineage.read_stat(store, "x.npy") is None
+
+    np.save(tmp_path / "outside.npy", tiny_spectrogram(2), allow_pickle=False)
+    _relink(root / "x.npy", str(tmp_path / "outside.npy"))
+    assert lineage.input_stat(store, "x.npy") is None

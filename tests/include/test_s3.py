@@ -1,9 +1,10 @@
-"""S3 locations, allowed roots and credentials: everything decided before a request is sent."""
+"""S3 locations, allowed roots and credentials (decided before a request is sent), and what an S3 listing holds."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -140,3 +141,61 @@ def test_location_strings_pick_their_store(tmp_path: Path) -> None:
     assert isinstance(open_store(str(tmp_path)), LocalStore)
     store = open_store("s3://b/p", access=S3Access("AKID", "s3cr3t", endpoint_url="http://127.0.0.1:9"))
     assert store.uri == "s3://b/p" and store.name("x.npy") == "s3://b/p/x.npy"
+
+
+def test_folder_markers_are_listing_noise_not_bad_inputs(s3_server: Any, s3_bucket: str, tmp_path: Path) -> None:
+    """Zero-byte keys ending in '/' (the S3 console's "Create folder", sync tools) are left out of an S3 listing, so
+    the plan refuses nothing; the spectrograms beside them are listed as usual."""
+    from cnn_features.plan import DatasetIO, plan_dataset
+    from tests.conftest import make_ravdess
+
+    creds = s3_server.credentials
+    access = S3Access(creds["access_key_id"], creds["secret_access_key"], endpoint_url=s3_server.endpoint_url, region_name="us-east-1")
+    rels = make_ravdess(tmp_path / "in", actors=1, emotions=2)
+    client, location = s3_server.client(), S3Location(s3_bucket, "corpus")
+    for key in ("corpus/", "corpus/Actor_01/", "corpus/Actor_02/"):
+        client.put_object(Bucket=s3_bucket, Key=key, Body=b"")
+    for rel in rels:
+        client.put_object(Bucket=s3_bucket, Key=location.key(rel), Body=(tmp_path / "in" / rel).read_bytes())
+    store = open_store(location, access=access)
+    assert [rel for rel, _ in store.list()] == rels
+    (shard,) = plan_dataset(DatasetIO("ravdess", location, tmp_path / "out"), shard_size=10, access=access)
+    assert shard["files"] == rels and shard["rejected"] == {}
+
+
+def test_a_key_ending_in_a_slash_that_holds_bytes_is_still_listed_and_refused() -> None:
+    """Only empty keys ending in '/' are folder markers: one holding bytes is listed, and the plan's check refuses it."""
+    from cnn_features.s3 import S3Store
+
+    keys = {"corpus/Actor_01/": 0, "corpus/Actor_01/x.npy": 5, "corpus/Actor_02/": 7}
+
+    class Paginator:
+        def paginate(self, **kwargs: Any) -> list[dict[str, Any]]:
+            return [{"Contents": [{"Key": key, "Size": size} for key, size in keys.items()]}]
+
+    client = SimpleNamespace(get_paginator=lambda operation: Paginator())
+    store = S3Store(S3Location("b", "corpus"), client=client, concurrency=1)
+    assert store.list() == [("Actor_01/x.npy", 5), ("Actor_02/", 7)]
+    assert "would leave the prefix; refused" in str(unsafe_key_reason("Actor_02/"))
+
+
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_modified_lists_one_folders_files_with_their_write_times(
+    kind: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """Both stores list the files directly in a folder with when each was written; deeper files and others are not listed."""
+    import time
+
+    if kind == "local":
+        store: Any = LocalStore(tmp_path / "root")
+    else:
+        server, bucket = request.getfixturevalue("s3_server"), request.getfixturevalue("s3_bucket")
+        creds = server.credentials
+        access = S3Access(creds["access_key_id"], creds["secret_access_key"], endpoint_url=server.endpoint_url, region_name="us-east-1")
+        store = open_store(S3Location(bucket, "root"), access=access)
+    for rel in ("_plans/b.json", "_plans/a.json", "_plans/deeper/c.json", "_plansx/d.json", "e.json"):
+        store.write(rel, b"{}")
+    listed = store.modified("_plans")
+    assert [rel for rel, _ in listed] == ["_plans/a.json", "_plans/b.json"]
+    assert all(abs(mtime - time.time()) < 3600 for _, mtime in listed)
+    assert store.modified("absent") == []

@@ -137,3 +137,73 @@ def test_files_that_are_not_spectrograms_are_ignored_not_bad(tmp_path: Path) -> 
     shards = [{**s, "model": MODEL} for s in plan_dataset(DatasetIO("ravdess", tmp_path / "in", tmp_path / "out"), shard_size=4)]
     with pytest.raises(VerificationFailed, match="1 of 7 inputs are bad"):
         verify_run(shards, fake_extract(shards), max_bad_fraction=0.0)
+
+
+def test_an_underscore_corpus_folder_is_verified_and_one_named_like_a_pipeline_folder_is_refused(tmp_path: Path) -> None:
+    """Inputs under ``_extra/`` are features like any other and verify; one under ``_models/`` would lie among the
+    model copies, so the plan refuses it by name."""
+    from tests.conftest import tiny_spectrogram, write_clip
+
+    extra = "_extra/Actor_03/03-01-01-01-01-01-03.npy"
+    clash = "_models/Actor_04/03-01-01-01-01-01-04.npy"
+    for seed, rel in enumerate((extra, clash)):
+        write_clip(tmp_path / "in" / rel, tiny_spectrogram(seed))
+    shards = planned(tmp_path)
+    rejected = {rel: reason for s in shards for rel, reason in s["rejected"].items()}
+    assert list(rejected) == [clash] and "the output's _models/ folder" in rejected[clash]
+    results = fake_extract(shards)
+    (tmp_path / "out" / clash).unlink()  # a worker writes no feature for a refused input
+    summary = verify_run(shards, results, max_bad_fraction=0.2)
+    assert summary["passed"] and summary["datasets"]["ravdess"]["features_ok"] == 7
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert extra in {i["feature"] for i in manifest["items"]}
+
+
+def test_the_feature_of_an_input_now_bad_is_moved_aside(tmp_path: Path) -> None:
+    """A feature left from an earlier run whose input is now bad (unreadable) is moved under ``_orphans/`` and listed;
+    a dataset that tolerates the bad input still passes."""
+    shards = planned(tmp_path)
+    results = fake_extract(shards)
+    first, out = shards[0]["files"][0], tmp_path / "out"
+    results[0]["bad"] = [{"file": first, "reason": f"{first}: cannot read (Permission denied)"}]
+    summary = verify_run(shards, results, max_bad_fraction=0.2)
+    assert summary["passed"] and summary["datasets"]["ravdess"]["features_ok"] == 5
+    assert not (out / first).exists() and (out / "_orphans" / first).is_file()
+    report = json.loads((out / "verification_report.json").read_text())
+    assert report["bad_input_features"] == [first] and report["orphan_features"] == []
+    assert first not in {i["feature"] for i in json.loads((out / "manifest.json").read_text())["items"]}
+
+
+def test_a_passing_verification_removes_old_plans_of_other_runs_and_covered_lineage_pieces(tmp_path: Path) -> None:
+    """Other runs' plans older than PLAN_KEEP_S and idle lineage pieces whose every line a whole record holds are removed;
+    this run's plan (however old), a recent plan, a piece still being written and one with a line of its own stay."""
+    import os
+    import time
+
+    from cnn_features import lineage, verify
+    from cnn_features.plan import load_shards, publish_plan
+
+    refs, plans = publish_plan([{**s, "batch_size": 4} for s in planned(tmp_path)])
+    shards = load_shards(refs, plans)
+    results = fake_extract(shards)
+    out, now = tmp_path / "out", time.time()
+    ours = sorted((out / "_plans").iterdir())
+    old_plan, recent_plan = out / "_plans" / f"{'a' * 64}.json", out / "_plans" / f"{'b' * 64}.json"
+    for path in (old_plan, recent_plan):
+        path.write_text("{}")
+    for path in (*ours, old_plan):
+        os.utime(path, (now - verify.PLAN_KEEP_S - 60,) * 2)
+    sid = shards[0]["shard_id"]
+    whole = (out / "_shards" / f"{sid}.lineage.jsonl").read_bytes()
+    entry = next(iter(lineage.parse_lines(whole)))
+    covered, live, own = (out / "_shards" / f"{sid}.lineage-{n}-1-abcdef.jsonl" for n in (1, 2, 3))
+    covered.write_bytes(whole)
+    live.write_bytes(whole)
+    own.write_bytes(lineage.encode_record([{**entry, "feature_sha256": "f" * 64}]))
+    for path in (covered, own):
+        os.utime(path, (now - verify.PIECE_IDLE_S - 60,) * 2)
+    assert verify_run(shards, results, max_bad_fraction=0.0)["passed"]
+    report = json.loads((out / "verification_report.json").read_text())
+    assert report["leftovers_removed"] == [f"_plans/{old_plan.name}", f"_shards/{covered.name}"]
+    assert all(p.exists() for p in (*ours, recent_plan, live, own)) and not old_plan.exists() and not covered.exists()
+    assert load_shards(refs, plans) == shards
