@@ -1,11 +1,14 @@
 """Features that agree across devices: re-extract a sample of GPU-made features on CPU and compare.
 
-A per-shard CPU fallback means one dataset can hold features from both
-devices, which is only safe if they agree. ``check_dataset`` (parent side,
-no framework) decides whether a dataset's features came from both devices,
-picks a deterministic sample of its GPU-made files and runs
+A per-shard CPU fallback, or a later run that reuses an earlier run's
+features, means one dataset can hold features from both devices (or GPU
+precisions), which is only safe if they agree. ``check_dataset`` (parent
+side, no framework) decides from the lineage entries verification matched
+whether a dataset's features were made in more than one way, picks a
+deterministic sample of those not made on CPU and runs
 ``python -m cnn_features.crosscheck`` in a fresh process with CUDA hidden:
-that child loads the model as a CPU worker does, re-extracts the sample, and
+that child finds and checks the model as a worker does
+(``shipping.local_model``, then its digest), re-extracts the sample, and
 reports the largest relative difference (largest absolute difference over the
 largest CPU feature magnitude, per file).
 """
@@ -29,14 +32,16 @@ from cnn_features.config import Settings, load_settings
 from cnn_features.errors import CnnFeaturesError, InvalidSpectrogram
 from cnn_features.procs import RESULT_PREFIX, child_env, die_with_parent, emit, parse_line, python_module_cmd
 from cnn_features.s3 import S3Access
+from cnn_features.shipping import local_model
 
 log = logging.getLogger(__name__)
 
 # Seconds the CPU re-extraction may take: a framework start, a model load and
 # a few dozen clips; a stuck child must not hang verification.
 CROSSCHECK_TIMEOUT_S = 600.0
-# Attempt statuses after which a GPU worker may have written features.
-_GPU_WROTE = frozenset({"ok", "died", "gpu_failed"})
+# How the CPU re-extraction computes (``made_with``): the reference every
+# other way a feature was made is compared with.
+CPU_REFERENCE = "cpu float32"
 # Smallest feature magnitude a relative difference is taken against: an
 # all-zero feature vector compares by absolute difference instead.
 _TINY = 1e-30
@@ -46,16 +51,14 @@ class CrosscheckFailed(CnnFeaturesError):
     """The CPU re-extraction could not run (model, inputs or the child process failed)."""
 
 
-def gpu_made(result: dict[str, Any]) -> bool:
-    """Return whether a shard result says a GPU worker may have written some of its features."""
-    if result.get("device") == "gpu":
-        return True
-    return any(a.get("device") == "gpu" and a.get("status") in _GPU_WROTE for a in result.get("attempts", []))
+def made_with(entry: dict[str, Any]) -> str:
+    """Return what a lineage entry says computed its feature: the device kind and precision, e.g. ``gpu tf32``.
 
-
-def cpu_made(result: dict[str, Any]) -> bool:
-    """Return whether a shard result says a CPU worker wrote some of its features."""
-    return result.get("device") == "cpu"
+    A GPU worker records its device as ``gpu:<index> <name>``; any GPU counts as ``gpu``.
+    """
+    device = str(entry.get("device") or "unknown-device")
+    kind = "gpu" if device.split(":", 1)[0] == "gpu" else device
+    return f"{kind} {entry.get('precision') or 'unknown-precision'}"
 
 
 def sample(files: list[str], count: int) -> list[str]:
@@ -71,32 +74,48 @@ def sample(files: list[str], count: int) -> list[str]:
 
 def check_dataset(
     shards: list[dict[str, Any]],
-    results: dict[str, dict[str, Any]],
+    entries: dict[str, dict[str, Any]],
     *,
     bad: set[str],
     settings: Settings | None = None,
     access: S3Access | None = None,
 ) -> dict[str, Any]:
-    """Compare a sample of a dataset's GPU-made features with CPU re-extractions when its shards mixed devices.
+    """Compare a sample of a dataset's features with CPU re-extractions when they were made in more than one way.
 
-    Returns a report: ``mixed``, ``checked``, and when checked ``files``,
-    ``max_rel_diff``, ``worst_file``, ``rtol``, ``passed`` (or ``error``).
+    ``entries`` are the lineage entries verification matched, by feature:
+    they say which device and precision made each feature, in this run or
+    an earlier one (a feature a GPU made and a later all-CPU run reused
+    still counts as GPU-made). When they name more than one, a sample of
+    each group's features not made on CPU in float32 is re-extracted that
+    way and compared.
+
+    Returns a report: ``mixed``, ``made_with`` (feature count per device and
+    precision), ``checked``, and when checked ``files``, ``max_rel_diff``,
+    ``worst_file``, ``rtol``, ``passed`` (or ``error``).
     """
     settings = settings or load_settings()
     rtol = settings.crosscheck_rtol
-    by_id = {s["shard_id"]: s for s in shards}
-    gpu = [sid for sid, r in results.items() if sid in by_id and gpu_made(r)]
-    cpu = [sid for sid, r in results.items() if sid in by_id and cpu_made(r)]
-    report: dict[str, Any] = {"mixed": bool(gpu and cpu), "checked": False, "rtol": rtol, "passed": True}
+    groups: dict[str, list[str]] = {}
+    for rel, entry in entries.items():
+        if rel not in bad:
+            groups.setdefault(made_with(entry), []).append(rel)
+    report: dict[str, Any] = {
+        "mixed": len(groups) > 1,
+        "made_with": {group: len(rels) for group, rels in sorted(groups.items())},
+        "checked": False,
+        "rtol": rtol,
+        "passed": True,
+    }
     if not report["mixed"]:
-        report["reason"] = "every feature came from one device" if results else "no shard results"
+        report["reason"] = "every feature was made the same way" if groups else "no feature with lineage"
         return report
-    candidates = [rel for sid in gpu for rel in by_id[sid]["files"] if rel not in bad and rel not in by_id[sid]["rejected"]]
-    picked = sample(candidates, settings.crosscheck_sample)
+    picked = sorted(
+        rel for group, rels in groups.items() if group != CPU_REFERENCE for rel in sample(rels, settings.crosscheck_sample)
+    )
     if not picked:
-        report["reason"] = "no GPU-made feature to compare" if settings.crosscheck_sample else "sample size 0"
+        report["reason"] = "no feature made otherwise than on CPU to compare" if settings.crosscheck_sample else "sample size 0"
         return report
-    first = by_id[gpu[0]]
+    first = shards[0]
     try:
         compared = compare_on_cpu(
             model=first["model"], input_uri=first["input"], features_uri=first["output"], rels=picked, access=access
@@ -110,15 +129,16 @@ def check_dataset(
 
 def describe(report: dict[str, Any]) -> str:
     """Return one line saying what the cross-device check found."""
+    made = " and ".join(f"{group} ({count})" for group, count in report.get("made_with", {}).items()) or "no device"
     if not report["mixed"]:
-        return f"features from one device only; no cross-device check ({report.get('reason')})"
+        return f"features from one device and precision only, {made}; no cross-device check ({report.get('reason')})"
     if report.get("error"):
-        return f"features from GPU and CPU, but the CPU re-extraction failed: {report['error']}"
+        return f"features from {made}, but the CPU re-extraction failed: {report['error']}"
     if not report["checked"]:
-        return f"features from GPU and CPU; not compared ({report.get('reason')})"
+        return f"features from {made}; not compared ({report.get('reason')})"
     verdict = "within" if report["passed"] else "ABOVE"
     return (
-        f"features from GPU and CPU: {report['files']} GPU-made file(s) re-extracted on CPU differ by at most "
+        f"features from {made}: {report['files']} file(s) not made on CPU re-extracted there differ by at most "
         f"{report['max_rel_diff']:.3g} relative ({report['worst_file']}), {verdict} the {report['rtol']:g} limit"
     )
 
@@ -182,7 +202,7 @@ def _run_child(spec: dict[str, Any]) -> dict[str, Any]:
     import time
 
     prepare_process("cpu")
-    from cnn_features.model import ModelInfo, inference_model, load_feature_model, make_predictor
+    from cnn_features.model import ModelInfo, check_digest, inference_model, load_feature_model, make_predictor
     from cnn_features.spectrogram import MAX_INPUT_BYTES, parse_spectrogram
     from cnn_features.storage import MAX_FEATURE_FILE_BYTES
     from cnn_features.stores import open_store
@@ -190,9 +210,11 @@ def _run_child(spec: dict[str, Any]) -> dict[str, Any]:
     started = time.monotonic()
     settings = load_settings()
     info = ModelInfo(**spec["model"])
-    model, _ = load_feature_model(Path(info.path))
-    predictor = make_predictor(inference_model(model, info), info)
     source, features = open_store(spec["input"], settings), open_store(spec["features"], settings)
+    # The model as a worker finds it: the plan's file if this host has it, else the output's copy.
+    model, _ = load_feature_model(local_model(spec["model"], features, settings.home / "cache" / "models"))
+    check_digest(spec["model"], model)
+    predictor = make_predictor(inference_model(model, info), info)
     rels: list[str] = spec["files"]
     worst, worst_rel, total, max_abs = -1.0, "", 0.0, 0.0
     inputs = dict(source.read_many(((rel, 0) for rel in rels), max_bytes=MAX_INPUT_BYTES))

@@ -21,6 +21,7 @@ from typing import Any
 from cnn_features.config import Settings
 from cnn_features.datasets import get_dataset, label_all
 from cnn_features.errors import InvalidConf, InvalidInput, ModelError, OutputConflict, PlanMismatch, StoreError
+from cnn_features.names import FEATURES_META, PLANS_DIR
 from cnn_features.procs import RESULT_PREFIX, child_env, parse_line, python_module_cmd
 from cnn_features.s3 import S3Access, S3Location, S3Store, check_reachable, is_s3, parse_s3_uri, unsafe_key_reason
 from cnn_features.shipping import ship_model
@@ -36,14 +37,9 @@ DEVICES = ("auto", "gpu", "cpu")
 MAX_SHARD_SIZE = 100_000
 # Seconds allowed for loading (or creating) the model in the check process.
 MODEL_CHECK_TIMEOUT_S = 600
-# File in each output folder recording which model made its features.
-FEATURES_META = "_features.json"
 # Names of ignored (non-.npy) files carried in a plan, so a corpus folder full of
 # .wav files beside the spectrograms does not bloat it; the count is exact.
 MAX_IGNORED_LISTED = 1000
-# Folder of each output that holds its shard plans: an index per plan and a
-# file per shard, each named by its SHA-256; workers on any host read them.
-PLANS_DIR = "_plans"
 # Version of the plan files' layout (``plan_files``); a reader refuses another.
 PLAN_FORMAT = 1
 # Fields every shard of one dataset shares: written once, in the plan's index.
@@ -180,15 +176,11 @@ def validate_conf(params: dict[str, Any], settings: Settings, *, access: S3Acces
         errors.append("datasets: expected a non-empty object of {name: {input, output}}")
         datasets_raw = {}
     for name, io in sorted(datasets_raw.items()):
-        try:
-            datasets.append(_checked_dataset(name, io, roots, settings, access))
-        except InvalidConf as exc:
-            errors.append(str(exc))
-    outputs = [d.output for d in datasets]
-    for i, a in enumerate(outputs):
-        for b in outputs[i + 1 :]:
-            if _overlaps(a, b):
-                errors.append(f"datasets: outputs {a} and {b} overlap; give each dataset its own folder")
+        dataset, problems = _checked_dataset(name, io, roots, settings, access)
+        errors += problems
+        if dataset is not None:
+            datasets.append(dataset)
+    errors += _crossed_locations(datasets)
 
     device = params.get("device", "auto")
     if device not in DEVICES:
@@ -214,29 +206,70 @@ def validate_conf(params: dict[str, Any], settings: Settings, *, access: S3Acces
     return RunConf(tuple(datasets), device, shard_size, model_path, float(fraction))
 
 
+def _crossed_locations(datasets: Sequence[DatasetIO]) -> list[str]:
+    """Return why datasets' locations overlap: two outputs, or one's output and another's input (local or S3).
+
+    An output inside another dataset's input would have its features listed
+    as that dataset's bad inputs; an input inside another's output would
+    have its clips taken for stray features there. Each dataset's own input
+    and output are checked in ``_checked_dataset``.
+    """
+    errors: list[str] = []
+    for i, a in enumerate(datasets):
+        for b in datasets[i + 1 :]:
+            if _overlaps(a.output, b.output):
+                errors.append(
+                    f"datasets.{a.name}.output {a.output} and datasets.{b.name}.output {b.output} overlap; "
+                    "give each dataset its own folder"
+                )
+    for a in datasets:
+        for b in datasets:
+            if a is not b and _overlaps(a.output, b.input):
+                errors.append(
+                    f"datasets.{a.name}.output {a.output} and datasets.{b.name}.input {b.input} overlap; "
+                    "keep every dataset's features out of every input tree"
+                )
+    return errors
+
+
 def _checked_dataset(
     name: str, io: Any, roots: tuple[Location, ...], settings: Settings, access: S3Access | None
-) -> DatasetIO:
-    """Return one validated dataset entry of a run conf; raise InvalidConf naming its first problem."""
+) -> tuple[DatasetIO | None, list[str]]:
+    """Return one dataset entry of a run conf, validated, and every problem found in it (the entry is None if any).
+
+    Each field is checked on its own, so a relative input and an output under
+    a forbidden root are both reported; checks that need both locations (the
+    input exists, input and output do not overlap) run once both are valid.
+    """
+    errors: list[str] = []
     try:
         get_dataset(name)
     except InvalidInput as exc:
-        raise InvalidConf(f"datasets.{name}: {exc}") from None
+        errors.append(f"datasets.{name}: {exc}")
     if not isinstance(io, dict) or set(io) != {"input", "output"}:
-        msg = f"datasets.{name}: expected exactly the keys 'input' and 'output', got {io!r}"
-        raise InvalidConf(msg)
-    src = checked_location(f"datasets.{name}.input", io["input"], roots)
-    dst = checked_location(f"datasets.{name}.output", io["output"], roots)
-    store = open_store(src, settings, access=access)
-    if isinstance(store, S3Store):
-        check_reachable(store, f"datasets.{name}.input")
-    elif not store.exists():
-        msg = f"datasets.{name}.input: {src} does not exist or is not a folder"
-        raise InvalidConf(msg)
-    if _overlaps(src, dst):
-        msg = f"datasets.{name}: input {src} and output {dst} overlap; keep features out of the input tree"
-        raise InvalidConf(msg)
-    return DatasetIO(name, src, dst)
+        errors.append(f"datasets.{name}: expected exactly the keys 'input' and 'output', got {io!r}")
+        return None, errors
+    located: dict[str, Location] = {}
+    for key in ("input", "output"):
+        try:
+            located[key] = checked_location(f"datasets.{name}.{key}", io[key], roots)
+        except InvalidConf as exc:
+            errors.append(str(exc))
+    src, dst = located.get("input"), located.get("output")
+    if src is not None:
+        try:
+            store = open_store(src, settings, access=access)
+            if isinstance(store, S3Store):
+                check_reachable(store, f"datasets.{name}.input")
+            elif not store.exists():
+                errors.append(f"datasets.{name}.input: {src} does not exist or is not a folder")
+        except InvalidConf as exc:
+            errors.append(str(exc))
+    if src is not None and dst is not None and _overlaps(src, dst):
+        errors.append(f"datasets.{name}: input {src} and output {dst} overlap; keep features out of the input tree")
+    if errors or src is None or dst is None:
+        return None, errors
+    return DatasetIO(name, src, dst), []
 
 
 def check_model(model_path: Path | None, settings: Settings) -> dict[str, Any]:
@@ -330,6 +363,8 @@ def claim_output(
     Raises:
         OutputConflict: the folder holds features of a different model, so
             resuming would mix two feature spaces, or it cannot be written.
+        ModelError: the model cannot be copied beside the features
+            (``shipping.ship_model``: unreadable, too large, or changed).
     """
     store = open_store(dataset.output, settings, access=access)
     meta = {

@@ -16,6 +16,7 @@ from cnn_features import plan
 from cnn_features.config import load_settings
 from cnn_features.errors import InvalidConf, ModelError, OutputConflict, PlanMismatch
 from cnn_features.plan import DatasetIO, check_model, claim_output, plan_dataset, validate_conf
+from cnn_features.storage import file_sha256
 from tests.conftest import make_ravdess
 
 # Model files for plans that never load them: planning copies the file into
@@ -29,6 +30,12 @@ def fake_model(name: str) -> str:
     path = _FAKE_MODELS / f"{name}.keras"
     path.write_bytes(f"not a model: {name}".encode())
     return str(path)
+
+
+def fake_info(name: str, digest: str) -> dict[str, Any]:
+    """Return a model info for the stand-in file of ``name`` (with its real SHA-256, as the check records it) and ``digest``."""
+    path = fake_model(name)
+    return {"sha256": file_sha256(Path(path)), "digest": digest, "feature_dim": 256, "path": path}
 
 
 def conf_for(home: Path, **overrides: Any) -> dict[str, Any]:
@@ -126,10 +133,10 @@ def test_missing_and_corrupt_models_fail_before_shard_work(home: Path, tmp_path:
 def test_output_of_another_model_is_refused(tmp_path: Path) -> None:
     """Resuming into a folder made by a different model would mix feature spaces: refused."""
     io = DatasetIO("ravdess", tmp_path / "in", tmp_path / "out")
-    claim_output(io, {"sha256": "a" * 64, "digest": "d" * 64, "feature_dim": 256, "path": fake_model("a")})
-    claim_output(io, {"sha256": "a" * 64, "digest": "d" * 64, "feature_dim": 256, "path": fake_model("a")})
+    claim_output(io, fake_info("a", "d" * 64))
+    claim_output(io, fake_info("a", "d" * 64))
     with pytest.raises(OutputConflict, match=r"holds features of model .*/a\.keras"):
-        claim_output(io, {"sha256": "b" * 64, "digest": "e" * 64, "feature_dim": 256, "path": fake_model("b")})
+        claim_output(io, fake_info("b", "e" * 64))
 
 
 def test_the_same_weights_saved_again_are_the_same_model(tmp_path: Path) -> None:
@@ -138,15 +145,15 @@ def test_the_same_weights_saved_again_are_the_same_model(tmp_path: Path) -> None
     A folder claimed before digests were recorded is known by its file's SHA-256 and upgraded.
     """
     io = DatasetIO("ravdess", tmp_path / "in", tmp_path / "out")
-    claim_output(io, {"sha256": "a" * 64, "digest": "d" * 64, "feature_dim": 256, "path": fake_model("a")})
-    claim_output(io, {"sha256": "f" * 64, "digest": "d" * 64, "feature_dim": 256, "path": fake_model("rebuilt")})
+    claim_output(io, fake_info("a", "d" * 64))
+    claim_output(io, fake_info("rebuilt", "d" * 64))
     old = DatasetIO("ravdess", tmp_path / "in", tmp_path / "old")
     (tmp_path / "old").mkdir()
-    (tmp_path / "old" / "_features.json").write_text(json.dumps({"model_sha256": "a" * 64, "feature_dim": 256, "model_path": "/m/a.keras"}))
-    claim_output(old, {"sha256": "a" * 64, "digest": "d" * 64, "feature_dim": 256, "path": fake_model("a")})
+    (tmp_path / "old" / "_features.json").write_text(json.dumps({"model_sha256": fake_info("a", "")["sha256"], "feature_dim": 256, "model_path": "/m/a.keras"}))
+    claim_output(old, fake_info("a", "d" * 64))
     assert json.loads((tmp_path / "old" / "_features.json").read_text())["model_digest"] == "d" * 64
     with pytest.raises(OutputConflict, match=r"holds features of model .*/a\.keras"):
-        claim_output(old, {"sha256": "a" * 64, "digest": "e" * 64, "feature_dim": 256, "path": fake_model("a")})
+        claim_output(old, fake_info("a", "e" * 64))
 
 
 def test_a_checked_model_is_not_loaded_again(home: Path, reference_model: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -217,17 +224,33 @@ def test_a_conf_with_several_mistakes_reports_them_all(home: Path) -> None:
         assert field in text, field
 
 
+def test_every_problem_of_one_dataset_is_reported_not_only_its_first(home: Path) -> None:
+    """A dataset with a relative input and an output under /etc has both named, beside an unknown dataset's name."""
+    conf = conf_for(home)
+    conf["datasets"]["ravdess"] = {"input": "data/ravdess", "output": "/etc/features"}
+    conf["datasets"]["savee"] = {"input": "also/relative", "output": "/etc"}
+    with pytest.raises(InvalidConf) as info:
+        validate_conf(conf, load_settings())
+    text = str(info.value)
+    assert text.startswith("the run conf has 5 problems:"), text
+    for field in ("datasets.ravdess.input: 'data/ravdess' is relative", "datasets.ravdess.output: '/etc/features' is outside",
+                  "datasets.savee: unknown dataset 'savee'", "datasets.savee.input: 'also/relative' is relative",
+                  "datasets.savee.output: '/etc' is outside"):
+        assert field in text, field
+
+
 def test_two_first_runs_claiming_one_output_cannot_both_win(tmp_path: Path) -> None:
     """Sixteen first runs of different models claim one empty output folder at once: exactly one wins, every time."""
     import threading
 
+    models = [fake_info(f"m{i}", f"{i:064x}") for i in range(16)]
     for attempt in range(10):
         out = tmp_path / f"out{attempt}"
         barrier = threading.Barrier(16)
         won: list[int] = []
 
         def claim(i: int, out: Path, barrier: threading.Barrier, won: list[int]) -> None:
-            model = {"sha256": f"{i:064x}", "digest": f"{i:064x}", "feature_dim": 256, "path": fake_model(f"m{i}")}
+            model = models[i]
             barrier.wait()
             try:
                 claim_output(DatasetIO("ravdess", tmp_path / "in", out), model)
@@ -241,14 +264,15 @@ def test_two_first_runs_claiming_one_output_cannot_both_win(tmp_path: Path) -> N
         for thread in threads:
             thread.join()
         assert len(won) == 1, f"attempt {attempt}: {len(won)} runs claimed {out}"
-        assert json.loads((out / "_features.json").read_text())["model_sha256"] == f"{won[0]:064x}"
+        winner = models[won[0]]["sha256"]
+        assert json.loads((out / "_features.json").read_text())["model_sha256"] == winner
         assert sorted(p.name for p in out.iterdir()) == ["_features.json", "_models"]
-        assert [p.name for p in (out / "_models").iterdir()] == [f"{won[0]:064x}.keras"]  # the winner's model alone
+        assert [p.name for p in (out / "_models").iterdir()] == [f"{winner}.keras"]  # the winner's model alone
 
 
 # --------------------------------------------------------------------------- plan files and references
 
-MODEL = {"sha256": "a" * 64, "digest": "d" * 64, "feature_dim": 256, "path": fake_model("a")}
+MODEL = fake_info("a", "d" * 64)
 # What a run may push into XCom in all (the scale target, docs/benchmarks.md "Scale").
 MAX_XCOM_BYTES = 256 * 1024
 
@@ -367,3 +391,65 @@ def test_results_are_read_back_from_the_output_for_finished_shards(tmp_path: Pat
     assert plan.load_results(run.shards, [first["shard_id"]]) == [result]
     with pytest.raises(PlanMismatch, match=r"ravdess-0001\.json: result of finished shard ravdess-0001 unreadable"):
         plan.load_results(run.shards, [s["shard_id"] for s in run.shards])
+
+
+# --------------------------------------------------------------------------- locations across datasets and the model copy
+
+
+@pytest.mark.parametrize(
+    ("ravdess_output", "crema_input"),
+    [("in/crema_d/ravdess_features", "in/crema_d"), ("out/all", "out/all/crema_d")],
+    ids=["output-inside-another-input", "input-inside-another-output"],
+)
+def test_an_output_overlapping_another_datasets_input_is_refused_naming_both(
+    home: Path, ravdess_output: str, crema_input: str
+) -> None:
+    """One dataset's output inside another's input (or that input inside the output) is refused, naming both datasets and paths."""
+    for rel in ("in/ravdess", crema_input):
+        (home / rel).mkdir(parents=True, exist_ok=True)
+    conf = {
+        "datasets": {
+            "ravdess": {"input": str(home / "in" / "ravdess"), "output": str(home / ravdess_output)},
+            "crema_d": {"input": str(home / crema_input), "output": str(home / "out" / "crema_d_features")},
+        }
+    }
+    with pytest.raises(InvalidConf) as info:
+        validate_conf(conf, load_settings())
+    assert str(info.value) == (
+        f"datasets.ravdess.output {home / ravdess_output} and datasets.crema_d.input {home / crema_input} overlap; "
+        "keep every dataset's features out of every input tree"
+    )
+
+
+def test_an_s3_output_inside_another_datasets_s3_input_is_refused(home: Path, s3_server: Any, s3_bucket: str,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """On S3 too, a dataset's output prefix under another dataset's input prefix is refused naming both."""
+    from cnn_features.s3 import S3Access
+
+    creds = s3_server.credentials
+    access = S3Access(creds["access_key_id"], creds["secret_access_key"], endpoint_url=s3_server.endpoint_url,
+                      region_name="us-east-1")
+    client = s3_server.client()
+    for key in ("ravdess/Actor_01/03-01-01-01-01-01-01.npy", "crema/1001_IEO_ANG_LO.npy"):
+        client.put_object(Bucket=s3_bucket, Key=key, Body=b"x")
+    monkeypatch.setenv("CNN_FEATURES_ALLOWED_ROOTS", f"{home}:s3://{s3_bucket}")
+    conf = {
+        "datasets": {
+            "ravdess": {"input": f"s3://{s3_bucket}/ravdess", "output": f"s3://{s3_bucket}/crema/ravdess_features"},
+            "crema_d": {"input": f"s3://{s3_bucket}/crema", "output": f"s3://{s3_bucket}/features/crema_d"},
+        }
+    }
+    with pytest.raises(InvalidConf, match=rf"datasets\.ravdess\.output s3://{s3_bucket}/crema/ravdess_features and "
+                                          rf"datasets\.crema_d\.input s3://{s3_bucket}/crema overlap"):
+        validate_conf(conf, load_settings(), access=access)
+
+
+def test_a_model_too_large_to_copy_beside_the_features_is_a_model_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model file over the copy limit fails planning with a ModelError naming the file and the limit, and no copy is left."""
+    from cnn_features import shipping
+
+    monkeypatch.setattr(shipping, "MAX_MODEL_BYTES", 8)
+    model = fake_info("big", "d" * 64)
+    with pytest.raises(ModelError, match=rf"model {model['path']}: \d+ bytes, over the 8-byte limit of a model copied beside"):
+        claim_output(DatasetIO("ravdess", tmp_path / "in", tmp_path / "out"), model)
+    assert not (tmp_path / "out" / shipping.MODELS_DIR).exists()
