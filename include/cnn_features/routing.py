@@ -6,8 +6,10 @@ mapped extraction tasks: ``extract_shard`` on the default queue and
 shard starts, ``choose_route`` asks the broker which queues have live
 workers; the shards all go to the GPU task when the GPU queue has one, and
 all to the CPU task otherwise, so no shard waits for a worker that does not
-exist. The broker's answer is awaited ``timeout_s`` at most: no answer means
-no GPU worker, and the reason is logged and recorded.
+exist. A run with ``device=cpu`` never uses the GPU queue: its shards go to
+the CPU workers without asking the broker. The broker's answer is awaited
+``timeout_s`` at most: no answer means no GPU worker, and the reason is
+logged and recorded.
 
 Nothing here imports Airflow or Celery: the DAG passes in the function that
 asks the broker.
@@ -58,14 +60,20 @@ def _ask(live_queues: LiveQueues, *, timeout_s: float) -> Mapping[str, Sequence[
     return answer[0]
 
 
-def choose_route(*, gpu_queue: str, live_queues: LiveQueues, timeout_s: float = LIVE_QUEUES_TIMEOUT_S) -> Route:
-    """Send the shards to the GPU queue when a live worker serves it; else to the default queue.
+def choose_route(
+    *, device: str, gpu_queue: str, live_queues: LiveQueues, timeout_s: float = LIVE_QUEUES_TIMEOUT_S
+) -> Route:
+    """Send the shards to the GPU queue when the run may use a GPU and a live worker serves it; else to the default queue.
 
     Args:
+        device: the run's ``device`` param (``auto``, ``gpu`` or ``cpu``); ``cpu`` never routes to the GPU queue.
         gpu_queue: the deployment's GPU queue (``Settings.gpu_queue``); empty when it has none.
         live_queues: returns each live worker's name with the queues it consumes.
         timeout_s: how long to wait for ``live_queues``.
     """
+    if device == "cpu":
+        # The GPU host's worker would run them one at a time on its CPU while the CPU workers idle.
+        return Route(gpu=False, reason="device=cpu requested; shards run on CPU workers")
     if not gpu_queue:
         return Route(gpu=False, reason="the deployment has no GPU queue (CNN_FEATURES_GPU_QUEUE is empty)")
     answer = _ask(live_queues, timeout_s=timeout_s)

@@ -42,6 +42,8 @@ SEED = 7
 # Largest manifest read when a training conf is checked: ~150 bytes an item,
 # so 64 MiB lists over 400,000 features.
 MAX_MANIFEST_BYTES = 64 << 20
+# Lines of a failed child's error output quoted in the error: its last words, not its whole log.
+_TAIL_LINES = 5
 
 
 class TrainingFailed(CnnFeaturesError):
@@ -259,19 +261,26 @@ def run_training(
     """Train in a fresh CPU-only process; return the metrics.
 
     S3 settings in ``access`` reach the child through its environment only.
+    A child still running after ``timeout_s`` seconds is killed (and reaped).
 
     Raises:
-        TrainingFailed: the child failed; the message carries its error.
+        TrainingFailed: the child failed or ran past ``timeout_s``; the message carries its error.
     """
-    proc = subprocess.run(
-        python_module_cmd("cnn_features.training", str(manifest), "--epochs", str(epochs)),
-        env=child_env("cpu", (access or S3Access()).env()),
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-        check=False,
-        stdin=subprocess.DEVNULL,
-    )
+    try:
+        proc = subprocess.run(
+            python_module_cmd("cnn_features.training", str(manifest), "--epochs", str(epochs)),
+            env=child_env("cpu", (access or S3Access()).env()),
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            check=False,
+            stdin=subprocess.DEVNULL,
+        )
+    except subprocess.TimeoutExpired as exc:  # subprocess.run has killed and reaped the child
+        msg = f"training on {manifest} did not finish within {timeout_s:g} s ({epochs} epochs); the child was killed"
+        if tail := _tail(exc.stderr):
+            msg += f": {tail}"
+        raise TrainingFailed(msg) from None
     for line in reversed(proc.stdout.splitlines()):
         payload = parse_line(line, RESULT_PREFIX)
         if payload is not None:
@@ -288,9 +297,14 @@ def run_training(
                 f"{payload['features']}/{TRAINING_DIR}/{METRICS_NAME}",
             )
             return payload
-    tail = " | ".join(proc.stderr.strip().splitlines()[-5:])
-    msg = f"training on {manifest} exited with code {proc.returncode}: {tail}"
+    msg = f"training on {manifest} exited with code {proc.returncode}: {_tail(proc.stderr)}"
     raise TrainingFailed(msg)
+
+
+def _tail(stderr: str | bytes | None) -> str:
+    """Return the last lines of a child's error output, joined on one line (a timeout gives bytes, or None)."""
+    text = stderr.decode("utf-8", "replace") if isinstance(stderr, bytes) else stderr or ""
+    return " | ".join(text.strip().splitlines()[-_TAIL_LINES:])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,21 +20,21 @@ def test_no_gpu_queue_means_cpu_without_asking_the_broker() -> None:
     def never() -> dict[str, list[str]]:
         raise AssertionError("the broker was asked")
 
-    route = choose_route(gpu_queue="", live_queues=never)
+    route = choose_route(device="auto", gpu_queue="", live_queues=never)
     assert not route.gpu
     assert "CNN_FEATURES_GPU_QUEUE" in route.reason
 
 
 def test_a_live_worker_on_the_gpu_queue_takes_the_shards() -> None:
     """When a live worker consumes the GPU queue, the route is GPU and names that worker."""
-    route = choose_route(gpu_queue="gpu", live_queues=lambda: {"cpu@a": ["default"], "gpu@b": ["default", "gpu"]})
+    route = choose_route(device="auto", gpu_queue="gpu", live_queues=lambda: {"cpu@a": ["default"], "gpu@b": ["default", "gpu"]})
     assert route.gpu
     assert route.workers == ("gpu@b",)
 
 
 def test_without_a_gpu_worker_shards_go_to_cpu_workers_and_the_reason_names_the_live_ones() -> None:
     """Only CPU workers live: the route is CPU, and its reason lists the workers that are."""
-    route = choose_route(gpu_queue="gpu", live_queues=lambda: {"cpu@a": ["default"]})
+    route = choose_route(device="auto", gpu_queue="gpu", live_queues=lambda: {"cpu@a": ["default"]})
     assert not route.gpu
     assert "cpu@a" in route.reason and "'gpu'" in route.reason
 
@@ -45,7 +45,7 @@ def test_a_broker_error_means_cpu() -> None:
     def refused() -> dict[str, list[str]]:
         raise ConnectionRefusedError("[Errno 111] Connection refused")
 
-    route = choose_route(gpu_queue="gpu", live_queues=refused)
+    route = choose_route(device="auto", gpu_queue="gpu", live_queues=refused)
     assert not route.gpu
     assert "Connection refused" in route.reason
 
@@ -60,12 +60,32 @@ def test_a_silent_broker_means_cpu_within_the_timeout() -> None:
 
     started = time.monotonic()
     try:
-        route = choose_route(gpu_queue="gpu", live_queues=hangs, timeout_s=0.5)
+        route = choose_route(device="auto", gpu_queue="gpu", live_queues=hangs, timeout_s=0.5)
     finally:
         release.set()
     assert not route.gpu
     assert "within" in route.reason
     assert time.monotonic() - started < 5
+
+
+def test_device_cpu_sends_no_shard_to_the_gpu_queue_even_with_a_live_gpu_worker() -> None:
+    """A run with device=cpu routes every shard to the CPU workers, though a GPU worker is live, without asking the broker."""
+
+    def never() -> dict[str, list[str]]:
+        raise AssertionError("the broker was asked")
+
+    route = choose_route(device="cpu", gpu_queue="gpu", live_queues=never)
+    assert not route.gpu
+    assert route.workers == ()
+    assert "device=cpu" in route.reason
+
+
+@pytest.mark.parametrize("device", ["auto", "gpu"])
+def test_device_auto_and_gpu_use_a_live_gpu_worker(device: str) -> None:
+    """With device=auto or device=gpu, a live worker on the GPU queue still takes the shards."""
+    route = choose_route(device=device, gpu_queue="gpu", live_queues=lambda: {"cpu@a": ["default"], "gpu@b": ["gpu"]})
+    assert route.gpu
+    assert route.workers == ("gpu@b",)
 
 
 def test_remaining_keeps_plan_order_and_drops_taken_shards() -> None:

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import signal
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
+from cnn_features import training
 from cnn_features.config import load_settings
 from cnn_features.errors import InvalidConf
 from cnn_features.training import TrainingFailed, confusion, run_training, split_actors, training_jobs
@@ -88,3 +93,25 @@ def test_a_manifest_without_checksums_is_refused(tmp_path: Path) -> None:
     (tmp_path / "manifest.json").write_text(json.dumps({"dataset": "ravdess", "feature_dim": 8, "passed": True, "items": [item]}))
     with pytest.raises(TrainingFailed, match="lists features without their SHA-256"):
         run_training(tmp_path / "manifest.json", epochs=1)
+
+
+def test_training_past_its_time_limit_fails_naming_the_manifest_and_leaves_no_child(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A training child still running at the time limit is killed and reaped, and TrainingFailed names the manifest and the limit."""
+    started: list[subprocess.Popen[str]] = []
+
+    class Recorded(subprocess.Popen):  # type: ignore[type-arg]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            started.append(self)
+
+    slow = [sys.executable, "-c", "import sys, time; print('loading', file=sys.stderr, flush=True); time.sleep(600)"]
+    monkeypatch.setattr(training, "python_module_cmd", lambda *args: slow)
+    monkeypatch.setattr(subprocess, "Popen", Recorded)
+    manifest = tmp_path / "manifest.json"
+    with pytest.raises(TrainingFailed, match=r"did not finish within 0\.5 s") as caught:
+        run_training(manifest, epochs=1, timeout_s=0.5)
+    assert str(manifest) in str(caught.value)
+    (child,) = started
+    assert child.returncode == -signal.SIGKILL, "the slow child was not killed and reaped"
