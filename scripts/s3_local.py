@@ -12,14 +12,27 @@ Lance catalogs, telemetry and the filer's HTTP API are off.
 
 The keys live in ``<dir>/credentials.json`` (mode 0600) and are reused by the
 next start in the same folder, so a restarted server keeps its keys and its
-data. Only requests signed with them are served: a wrong secret, an unknown
-key or an unsigned request is refused. The CLI never prints the secret except
-in ``--print-connection`` mode, whose whole point is to hand it to a shell
-variable.
+data. Only requests signed with them are served on the S3 port: a wrong
+secret, an unknown key or an unsigned request is refused. The CLI never prints
+the secret except in ``--print-connection`` mode, whose whole point is to hand
+it to a shell variable.
+
+The other ports (master, volume and filer, HTTP and gRPC, and S3's gRPC) are
+SeaweedFS's internal API, which serves, lists and deletes any object without
+an S3 key. Each start writes a new private CA, one certificate signed by it and
+JWT signing keys into ``<dir>/security.toml`` and ``<dir>/tls-*.pem`` (mode
+0600; the CA's own key is never written), and SeaweedFS reads them from its
+working folder: every internal port then speaks TLS and requires a client
+certificate from that CA (gRPC and HTTPS mTLS), and the volume server also
+wants a JWT from the master for each read and write. A process without those
+files, such as ``weed shell`` run elsewhere, or ``curl``, is refused. To
+administer the server, run ``weed shell`` from ``<dir>``, where it finds
+``security.toml`` (the CLI prints the command).
 
 The same class serves the tests (tests/s3_server.py): ``S3Server`` is a
-context manager with ``start``, ``stop`` (SIGTERM, then SIGKILL), ``kill`` (a
-crash) and ``start`` again on the same ports, folder and keys.
+context manager with ``start``, ``stop`` (quick: SIGKILL, then fsync of the
+server's files; see ``stop``), ``kill`` (a crash) and ``start`` again on the
+same ports, folder and keys.
 """
 
 from __future__ import annotations
@@ -27,6 +40,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import datetime
+import ipaddress
 import json
 import logging
 import os
@@ -34,6 +49,7 @@ import secrets
 import shutil
 import signal
 import socket
+import ssl
 import stat
 import subprocess
 import sys
@@ -50,6 +66,10 @@ from typing import Any
 import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 log = logging.getLogger("s3_local")
 
@@ -58,7 +78,8 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DIR = REPO / ".s3"
 # The S3 port of the CLI: SeaweedFS's own default, so its documentation applies.
 DEFAULT_PORT = 8333
-# Loopback only: the master, volume and filer ports take no credentials at all.
+# Loopback only. The internal ports also want the generated client certificate,
+# but nothing outside this machine has a reason to reach any of them.
 HOST = "127.0.0.1"
 # The region clients sign for; SeaweedFS has one region, and AWS's default keeps tools happy.
 REGION = "us-east-1"
@@ -67,6 +88,29 @@ CREDENTIALS_FILE = "credentials.json"
 # The -s3.config file: the identity with its secret, rewritten (0600) at every start.
 IDENTITIES_FILE = "s3-identities.json"
 LOG_FILE = "weed.log"
+# SeaweedFS reads security.toml from its working folder (ours) before
+# ~/.seaweedfs/ and /etc/seaweedfs/, so the generated one wins on this server.
+SECURITY_FILE = "security.toml"
+# The private CA's certificate, and the one certificate and key every component
+# presents as server and as client (SeaweedFS checks the CA, not host names).
+TLS_CA_FILE = "tls-ca.pem"
+TLS_CERT_FILE = "tls-cert.pem"
+TLS_KEY_FILE = "tls-key.pem"
+# Both are made anew at every start, so they need only outlast one run.
+TLS_VALID_DAYS = 3650
+# Backdating covers a clock that steps back a little after the start.
+TLS_BACKDATE = datetime.timedelta(minutes=5)
+# security.toml sections that get the certificate: the gRPC server of each
+# component and every gRPC client; HTTPS with a required client certificate for
+# the HTTP ports of master (it hands out volume JWTs), volume and filer, and the
+# HTTPS client the S3 gateway and the filer use to reach them.
+GRPC_TLS_SECTIONS = ("grpc.master", "grpc.volume", "grpc.filer", "grpc.s3", "grpc.client")
+HTTPS_TLS_SECTIONS = ("https.master", "https.volume", "https.filer")
+# JWT keys: volume writes and reads (minted by the master), filer HTTP writes
+# and reads; the filer's key also guards its IAM gRPC service.
+JWT_SECTIONS = ("jwt.signing", "jwt.signing.read", "jwt.filer_signing", "jwt.filer_signing.read")
+# Bytes of randomness per JWT key (HMAC-SHA256 takes 32).
+JWT_KEY_BYTES = 32
 # Volumes (-dir) and master/filer metadata (-master.dir), kept apart.
 DATA_SUBDIR = "volumes"
 META_SUBDIR = "meta"
@@ -95,10 +139,6 @@ GROWTH_ENV = {"WEED_MASTER_VOLUME_GROWTH_COPY_1": "1"}
 # 2-core box: 3.1 s, or 5-7 s when the volume server's first heartbeat races
 # the master's election and waits out its 5 s retry; generous for a busy box.
 READY_TIMEOUT_S = 90.0
-# Seconds a SIGTERM gets before SIGKILL. SeaweedFS 4.48's filer waits a fixed
-# 15 s for its gRPC streams to drain before the volume server even starts to
-# stop; a clean stop measured 15.2 s.
-STOP_GRACE_S = 20.0
 # Seconds to wait for the process to be reaped after SIGKILL.
 KILL_WAIT_S = 10.0
 # Seconds between readiness probes, and each probe's own time limit.
@@ -168,6 +208,71 @@ def _write_private(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _certificates() -> tuple[bytes, bytes, bytes]:
+    """Return a new CA certificate, and a certificate and key it signed, as PEM.
+
+    The CA's key is dropped here, so nothing can sign another certificate the
+    server would accept. The certificate names 127.0.0.1 (what this script's
+    own HTTPS probe checks) and serves as both server and client certificate.
+    """
+    now = datetime.datetime.now(datetime.UTC)
+    not_before, not_after = now - TLS_BACKDATE, now + datetime.timedelta(days=TLS_VALID_DAYS)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "s3_local CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(not_before).not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(
+            digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
+            key_encipherment=False, data_encipherment=False, key_agreement=False, encipher_only=False,
+            decipher_only=False), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "s3_local seaweedfs")]))
+        .issuer_name(ca_name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(not_before).not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(HOST))]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+                       critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    return ca.public_bytes(serialization.Encoding.PEM), cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+def security_toml(folder: Path, jwt_keys: Mapping[str, str]) -> str:
+    """Return the security.toml that points every component at the certificate in ``folder`` and sets ``jwt_keys``."""
+    def path(name: str) -> str:
+        return json.dumps(str(folder / name))  # a JSON string is a valid TOML basic string
+
+    ca, cert, key = path(TLS_CA_FILE), path(TLS_CERT_FILE), path(TLS_KEY_FILE)
+    lines = ["[grpc]", f"ca = {ca}", ""]
+    for section in GRPC_TLS_SECTIONS:
+        lines += [f"[{section}]", f"cert = {cert}", f"key = {key}", ""]
+    for section in HTTPS_TLS_SECTIONS:
+        lines += [f"[{section}]", f"cert = {cert}", f"key = {key}", f"ca = {ca}", ""]
+    lines += ["[https.client]", "enabled = true", f"cert = {cert}", f"key = {key}", f"ca = {ca}", ""]
+    for section in JWT_SECTIONS:
+        lines += [f"[{section}]", f"key = {json.dumps(jwt_keys[section])}", ""]
+    return "\n".join(lines)
+
+
+def write_security(folder: Path) -> None:
+    """Write a new CA, certificate, key and JWT keys, and the security.toml naming them, into ``folder`` (all 0600)."""
+    ca_pem, cert_pem, key_pem = _certificates()
+    for name, pem in ((TLS_CA_FILE, ca_pem), (TLS_CERT_FILE, cert_pem), (TLS_KEY_FILE, key_pem)):
+        _write_private(folder / name, pem.decode("ascii"))
+    jwt_keys = {section: secrets.token_hex(JWT_KEY_BYTES) for section in JWT_SECTIONS}
+    _write_private(folder / SECURITY_FILE, security_toml(folder, jwt_keys))
+
+
 def read_credentials(folder: Path) -> dict[str, str]:
     """Return the credentials saved in ``folder``.
 
@@ -235,6 +340,25 @@ def _group_pids(pgid: int) -> set[int]:
     return found
 
 
+def _fsync_tree(root: Path) -> None:
+    """Flush every file and folder under ``root`` to disk; log (not raise) what cannot be flushed."""
+    for folder, _dirs, files in os.walk(root):
+        for path in [Path(folder), *(Path(folder) / name for name in files)]:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue  # removed meanwhile
+            except OSError as exc:
+                log.warning("cannot open %s to flush it: %s", path, exc)
+                continue
+            try:
+                os.fsync(fd)
+            except OSError as exc:
+                log.warning("cannot flush %s: %s", path, exc)
+            finally:
+                os.close(fd)
+
+
 class S3Server:
     """SeaweedFS with S3 on 127.0.0.1, its data, keys and log in one folder.
 
@@ -277,6 +401,23 @@ class S3Server:
     def credentials_path(self) -> Path:
         """Return the file holding the keys (mode 0600)."""
         return self.folder / CREDENTIALS_FILE
+
+    @property
+    def security_path(self) -> Path:
+        """Return the security.toml SeaweedFS reads from its working folder (mode 0600)."""
+        return self.folder / SECURITY_FILE
+
+    @property
+    def master_address(self) -> str:
+        """Return the master as ``weed shell -master`` takes it: ``127.0.0.1:<http port>.<grpc port>``.
+
+        Raises:
+            S3ServerError: the server was never started, so it has no port yet.
+        """
+        if "master.port" not in self.ports:
+            msg = f"S3 server in {self.folder} has not been started: no port yet"
+            raise S3ServerError(msg)
+        return f"{HOST}:{self.ports['master.port']}.{self.ports['master.port.grpc']}"
 
     @property
     def endpoint_url(self) -> str:
@@ -329,6 +470,12 @@ class S3Server:
             config=config,
         )
 
+    def tls_context(self) -> ssl.SSLContext:
+        """Return a TLS context for the internal HTTPS ports: trusts only this start's CA, presents its certificate."""
+        context = ssl.create_default_context(cafile=str(self.folder / TLS_CA_FILE))
+        context.load_cert_chain(self.folder / TLS_CERT_FILE, self.folder / TLS_KEY_FILE)
+        return context
+
     def create_bucket(self, name: str) -> str:
         """Create bucket ``name`` (fine if this server already has it); return the name."""
         try:
@@ -375,6 +522,7 @@ class S3Server:
                 "actions": list(ALL_ACTIONS),
             }]}
             _write_private(self.folder / IDENTITIES_FILE, json.dumps(identities, indent=2) + "\n")
+            write_security(self.folder)
             self._spawn(weed)
             started = time.monotonic()
             try:
@@ -387,20 +535,28 @@ class S3Server:
                      self.endpoint_url, time.monotonic() - started, self._proc.pid if self._proc else -1, self.folder)
             return self
 
-    def stop(self, *, grace_s: float = STOP_GRACE_S) -> None:
-        """Send SIGTERM to the server's process group, wait up to ``grace_s``, then SIGKILL what is left."""
+    def stop(self) -> None:
+        """Stop the server: SIGKILL its process group, then fsync the files it keeps its data and metadata in.
+
+        SeaweedFS 4.48 on SIGTERM first waits a fixed 15 s for the filer's gRPC
+        streams to drain (its own metadata subscriptions, which never end), and
+        only then closes the volume and filer files. Every write and delete it
+        acknowledged is already in those files, and a crash keeps it (``kill``
+        then ``start``, as the tests check); closing them adds an fsync, which
+        this does instead, so a stop takes well under a second. Also skipped:
+        the filer's flush of its in-memory metadata event log to
+        /topics/.system/log, the history ``weed filer.meta.tail`` and
+        ``filer.sync`` replay; S3 never reads it, and no object depends on it.
+        """
         with self._lock:
             if self._proc is None:
                 return
-            if self._proc.poll() is None:
-                self._signal_group(signal.SIGTERM)
-                try:
-                    self._proc.wait(timeout=grace_s)
-                except subprocess.TimeoutExpired:
-                    log.warning("S3 server (pid %d) did not stop within %.0f s of SIGTERM; killing its process group",
-                                self._proc.pid, grace_s)
+            was_running = self._proc.poll() is None
             self._signal_group(signal.SIGKILL)
             self._reap(KILL_WAIT_S)
+            if was_running:
+                for sub in (DATA_SUBDIR, META_SUBDIR):
+                    _fsync_tree(self.folder / sub)
 
     def kill(self) -> None:
         """Kill the server's process group with SIGKILL at once, as a crash would."""
@@ -490,7 +646,8 @@ class S3Server:
         """Start `weed server` in its own process group, appending its output to weed.log."""
         cmd = self._command(weed)
         # No AWS_* in its environment: SeaweedFS would take those as admin keys if its config failed to load.
-        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        # No WEED_* either: each one overrides a key of security.toml; GROWTH_ENV sets back the one we want.
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "WEED_"))}
         env.update(GROWTH_ENV)
         hook = _pdeathsig_hook() if threading.current_thread() is threading.main_thread() else None
         with open(self.log_path, "ab") as out:
@@ -520,6 +677,7 @@ class S3Server:
         if self._proc is None:
             return
         probe = self.client(max_attempts=1, connect_timeout_s=PROBE_TIMEOUT_S, read_timeout_s=PROBE_TIMEOUT_S)
+        tls = self.tls_context()
         deadline = time.monotonic() + self.ready_timeout_s
         s3_ready = False
         waiting_for = "S3 to answer"
@@ -537,23 +695,25 @@ class S3Server:
                 except BotoCoreError as exc:
                     waiting_for = f"S3 to answer ({exc})"
             if s3_ready:
-                if self._volume_servers() > 0:
+                if self._volume_servers(tls) > 0:
                     return
-                waiting_for = "the volume server to join the master"
+                waiting_for = "the volume server to join the master (asked over HTTPS with the generated certificate)"
             if time.monotonic() > deadline:
                 msg = (f"S3 server in {self.folder} not ready after {self.ready_timeout_s:.0f} s: waiting for {waiting_for}; "
                        f"last lines of {self.log_path}:\n{self.log_tail()}")
                 raise S3ServerError(msg)
             time.sleep(POLL_S)
 
-    def _volume_servers(self) -> int:
+    def _volume_servers(self, tls: ssl.SSLContext) -> int:
         """Return how many volume servers the master knows (0 when it does not answer).
 
         A restarted volume server reports all its volumes in its first
         heartbeat: until then, reads of old objects fail with "volume not found".
+        The master is asked over HTTPS with the generated certificate, so a
+        master that did not take up security.toml never counts as ready.
         """
-        url = f"http://{HOST}:{self.ports['master.port']}/dir/status"
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        url = f"https://{HOST}:{self.ports['master.port']}/dir/status"
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=tls))
         try:
             with opener.open(url, timeout=PROBE_TIMEOUT_S) as response:
                 status = json.load(response)
@@ -621,6 +781,8 @@ def _serve(args: argparse.Namespace) -> int:
             f"  credentials:  {server.credentials_path} (mode 0600; the secret is not printed)\n"
             f"  buckets:      {buckets}\n"
             f"  data and log: {folder}/ ({LOG_FILE})\n"
+            f"  admin shell:  cd {folder} && {server.weed or weed_binary()} shell -master={server.master_address}"
+            f"  (it reads {SECURITY_FILE} there)\n"
             "  for Airflow:  export AIRFLOW_CONN_AWS_DEFAULT=\"$(bash scripts/s3.sh --print-connection"
             f"{'' if folder == DEFAULT_DIR else f' --dir {folder}'})\"\n"
             "Press Ctrl-C to stop.",
