@@ -18,7 +18,8 @@ into one 256-d CNN feature vector per clip, then triggers `emotion_training`.
    Existing valid features are skipped, every file is written atomically.
    With CeleryExecutor, **route_gpu_shards** first sends every shard to
    `extract_shard_gpu` (the GPU queue and pool, `CNN_FEATURES_GPU_QUEUE` /
-   `CNN_FEATURES_GPU_POOL`) when a live worker serves the GPU queue;
+   `CNN_FEATURES_GPU_POOL`) when a live worker serves the GPU queue and the
+   run's `device` is not `cpu`;
    **route_cpu_shards** leaves the rest to `extract_shard` (default queue).
    Each result names the worker and queue that ran it.
 4. **verify_features** checks every feature and its lineage (this model made
@@ -54,6 +55,7 @@ from airflow.sdk import Asset, Connection, Param, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException, AirflowNotFoundException
 
 from cnn_features.config import load_settings
+from cnn_features.datasets import conf_schema
 
 log = logging.getLogger(__name__)
 SETTINGS = load_settings()
@@ -104,7 +106,7 @@ def s3_access(params: dict[str, Any]) -> Any:
     params={
         "datasets": Param(
             SETTINGS.default_datasets(),
-            type="object",
+            **conf_schema(),
             title="Datasets",
             description=(
                 "Each dataset's spectrogram folder and feature folder: "
@@ -201,10 +203,11 @@ def cnn_feature_extraction() -> None:
 
     @task
     def route_gpu_shards(shards: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Give every shard to the GPU workers when a live one serves the GPU queue; else none."""
+        """Give every shard to the GPU workers when the run may use a GPU and a live one serves the GPU queue; else none."""
         from cnn_features.routing import choose_route
 
-        route = choose_route(gpu_queue=SETTINGS.gpu_queue, live_queues=celery_live_queues)
+        device = str(get_current_context()["params"]["device"])
+        route = choose_route(device=device, gpu_queue=SETTINGS.gpu_queue, live_queues=celery_live_queues)
         log.info("shards go to %s: %s", "GPU workers" if route.gpu else "CPU workers", route.reason)
         return list(shards) if route.gpu else []
 
@@ -224,7 +227,7 @@ def cnn_feature_extraction() -> None:
         """Extract one shard in fresh worker processes, GPU first when chosen, CPU on failure; return its id."""
         from cnn_features.errors import PlanMismatch
         from cnn_features.plan import load_shard
-        from cnn_features.progress import run_folder
+        from cnn_features.progress import Tries, run_folder
         from cnn_features.routing import shard_device
         from cnn_features.runner import run_shard
         from cnn_features.s3 import is_s3
@@ -232,6 +235,7 @@ def cnn_feature_extraction() -> None:
         context = get_current_context()
         params = dict(context["params"])
         queue = context["task"].queue
+        ti = context["ti"]
         output = plans.get(shard["dataset"], {}).get("output", "")
         access = s3_access(params) if is_s3(output) else None
         try:
@@ -240,11 +244,13 @@ def cnn_feature_extraction() -> None:
             raise AirflowFailException(str(exc)) from None
         result = run_shard(
             # The run is named in each feature's lineage; the worker in the shard's result.
-            {**spec, "run_id": context["run_id"], "worker": worker_identity(context["ti"].hostname, queue)},
+            {**spec, "run_id": context["run_id"], "worker": worker_identity(ti.hostname, queue)},
             requested_device=shard_device(params["device"], on_gpu_queue=bool(SETTINGS.gpu_queue) and queue == SETTINGS.gpu_queue),
             probe=probe,
             progress_dir=run_folder(SETTINGS.progress_root, context["run_id"]),
             access=access or (s3_access(params) if is_s3(spec["input"]) else None),
+            # Which try this is, so a failure with tries left reads "retrying" on the progress page.
+            tries=Tries(ti.try_number, ti.max_tries + 1, context["task"].retry_delay.total_seconds()),
         )
         return str(result["shard_id"])  # the whole result lies in the output's _shards/<id>.json
 

@@ -22,7 +22,9 @@ from cnn_features.progress_report import (
     device_text,
     format_duration,
     gpu_text,
+    history_text,
     rate_text,
+    state_text,
 )
 
 # Seconds between reloads of a page whose run is still going.
@@ -49,6 +51,7 @@ th { font-weight: 600; background: #f6f8fa; } td.num { text-align: right; font-v
 .state { display: inline-block; padding: .05rem .5rem; border-radius: .7rem; font-size: .85rem; color: #fff; }
 .state-success { background: #2e7d32; } .state-running { background: #1565c0; } .state-failed { background: #c62828; }
 .state-pending { background: #757575; } .state-quiet { background: #ef6c00; } .state-verifying { background: #6a1b9a; }
+.state-retrying { background: #b26a00; } .history { color: #444; font-size: .85rem; }
 .bar { width: 9rem; height: .7rem; background: #e1e4e8; border-radius: .35rem; overflow: hidden; display: inline-block; }
 .bar span { display: block; height: 100%; background: #1565c0; }
 .error { color: #c62828; font-size: .85rem; } .muted { color: #6a737d; font-size: .9rem; }
@@ -98,8 +101,8 @@ def render_run_list(runs: list[RunSummary], *, base: str, root: str) -> str:
     return _document("CNN feature progress", body, refresh=False, base=base)
 
 
-def _state_badge(state: str) -> str:
-    return f'<span class="state state-{_e(state)}">{_e(state)}</span>'
+def _state_badge(state: str, text: str | None = None) -> str:
+    return f'<span class="state state-{_e(state)}">{_e(text or state)}</span>'
 
 
 def _shard_state(shard: ShardProgress, now: float) -> str:
@@ -113,15 +116,19 @@ def _shard_row(shard: ShardProgress, now: float) -> str:
     share = 100.0 * shard.done / shard.total if shard.total else 100.0
     updated = f"{format_duration(now - shard.updated)} ago" if shard.updated is not None else "-"
     tries = f' <span class="muted">(run {shard.attempts}×)</span>' if shard.attempts > 1 else ""
-    error = f'<div class="error">{_e(shard.error)}</div>' if shard.error else ""
+    label = "last error: " if shard.state == "retrying" else ""
+    error = f'<div class="error">{label}{_e(shard.error)}</div>' if shard.error else ""
+    history = history_text(shard)
+    history_html = f'<div class="history">tries: {_e(history)}</div>' if history else ""
     return (
         f'<tr class="shard" data-shard-id="{_e(shard.shard_id)}" data-label="{_e(shard.label)}" '
         f'data-dataset="{_e(shard.dataset)}" data-state="{_e(shard.state)}" data-done="{shard.done}" '
         f'data-total="{shard.total}" data-device="{_e(shard.device or "")}" '
         f'data-fallback-reason="{_e(shard.fallback_reason or "")}" data-files-per-s="{shard.files_per_s}" '
-        f'data-extracted="{shard.extracted}" data-skipped="{shard.skipped}" data-bad="{shard.bad}">'
-        f"<td>{_e(shard.label)}{tries}{error}</td>"
-        f"<td>{_state_badge(state)}</td>"
+        f'data-extracted="{shard.extracted}" data-skipped="{shard.skipped}" data-bad="{shard.bad}" '
+        f'data-try="{shard.try_number or ""}" data-max-tries="{shard.max_tries or ""}" data-history="{_e(history)}">'
+        f"<td>{_e(shard.label)}{tries}{error}{history_html}</td>"
+        f'<td class="shard-state">{_state_badge(state, state_text(shard, now=now) if state == "retrying" else None)}</td>'
         f'<td class="num files">{shard.done} / {shard.total}</td>'
         f'<td><span class="bar"><span style="width:{share:.1f}%"></span></span></td>'
         f'<td class="num skipped">{shard.skipped}</td>'
@@ -213,10 +220,15 @@ def render_run(run: RunProgress, *, base: str, now: float | None = None, dag_id:
         f'<div>bad inputs<b id="run-bad" data-bad="{run.bad}">{run.bad}</b></div>'
         f'<div>ignored<b id="run-ignored" data-ignored="{run.ignored}">{run.ignored}</b></div>'
         f'<div>verification<b id="run-verification" data-verification="{_e(run.verification)}">{_e(run.verification)}</b></div>'
-        f'<div>files/s extracted<b id="run-rate">{run.files_per_s:.1f}</b></div>'
+        f'<div title="files extracted per second in which some shard was working; retry waits and queueing are not counted">'
+        f'files/s while working<b id="run-rate" data-busy-s="{run.busy_s}">{run.files_per_s:.1f}</b></div>'
         f'<div>ETA<b id="run-eta">{_e(format_duration(run.eta_s))}</b></div>'
         f'<div>last record<b>{_e(age)}</b></div>'
         "</div>"
+    )
+    summary += (
+        f'<p class="muted" id="run-rate-note">files/s: files extracted per second in which some shard was working '
+        f"({_e(format_duration(run.busy_s))} so far); retry waits and time spent queued are not counted.</p>"
     )
     if run.error:
         summary += f'<p class="error" id="run-error">{_e(run.error)}</p>'
@@ -247,7 +259,7 @@ def render_run(run: RunProgress, *, base: str, now: float | None = None, dag_id:
     note = ""
     if dag_id and dag_id != "cnn_feature_extraction":
         note = f'<p class="muted">{_e(dag_id)} writes no progress records; this is the extraction run of the same id.</p>'
-    refreshing = run.state in ("running", "pending", "verifying")
+    refreshing = run.state in ("running", "pending", "verifying", "retrying")
     body = (
         f'<p class="muted"><a href="./">all runs</a></p><h1>Run <span id="run-id">{_e(run.run_id)}</span></h1>{note}'
         f"{summary}{''.join(sections)}"

@@ -154,3 +154,29 @@ def label_all(spec: DatasetSpec, relpaths: list[str]) -> tuple[dict[str, ClipLab
         first_of[label.clip_id] = rel
         labels[rel] = label
     return labels, rejected
+
+
+# What a dataset's input or output must look like for the trigger form to
+# accept it: an absolute path, or s3://bucket[/prefix] with a bucket name S3
+# allows. The form checks this before a run exists; plan_shards still checks
+# everything (REST and the CLI bypass the form).
+LOCATION_PATTERN = r"^(/|s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/|$))"
+
+
+def conf_schema() -> dict[str, object]:
+    """Return the JSON schema of the run conf's ``datasets`` field: known layout names, each with an absolute input and output."""
+    location = {"type": "string", "minLength": 1, "pattern": LOCATION_PATTERN}
+    return {
+        "type": "object",
+        "minProperties": 1,
+        "propertyNames": {"enum": sorted(DATASETS)},
+        "additionalProperties": {
+            "type": "object",
+            "required": ["input", "output"],
+            "properties": {
+                "input": {**location, "description": "spectrogram folder: an absolute path or s3://bucket/prefix"},
+                "output": {**location, "description": "feature folder: an absolute path or s3://bucket/prefix"},
+            },
+            "additionalProperties": False,
+        },
+    }

@@ -14,7 +14,9 @@ Layout, one folder per DAG run under ``$CNN_FEATURES_HOME/progress``, named
 A record carries ``ts`` (Unix seconds), ``shard_id``, ``label``, ``dataset``,
 ``state`` (``running`` | ``success`` | ``failed``), ``device``, ``fallback_reason``,
 ``done``, ``total``, ``extracted``, ``skipped``, ``bad``, ``files_per_s`` and
-``elapsed_s``. Readers take the last record of a shard as its state and the
+``elapsed_s``; where the Airflow task says, also ``try_number``, ``max_tries``
+(tries allowed in all) and ``retry_delay_s``, so a failed try with tries left
+reads as retrying. Readers take the last record of a shard as its state and the
 sequence as its throughput over time. Records are never parsed out of logs.
 """
 
@@ -25,6 +27,7 @@ import json
 import logging
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -153,14 +156,28 @@ def write_probe(folder: Path, report: dict[str, Any]) -> None:
         log.warning("cannot record the GPU probe's report under %s: %s", folder, exc)
 
 
+@dataclass(frozen=True)
+class Tries:
+    """Which Airflow try of a task a shard attempt is, out of how many, and the wait before the next one."""
+
+    try_number: int  # Airflow's try number, from 1
+    max_tries: int  # tries allowed in all: Airflow's ``max_tries`` + 1 (it counts retries)
+    retry_delay_s: float  # seconds Airflow waits before the next try
+
+    def fields(self) -> dict[str, Any]:
+        """Return the record fields that carry these numbers."""
+        return {"try_number": self.try_number, "max_tries": self.max_tries, "retry_delay_s": self.retry_delay_s}
+
+
 class ProgressLog:
     """Appends one shard's records to its ``.jsonl`` file, a whole line at a time.
 
     Best-effort: records only show progress, so a record that cannot be
     written (full disk, read-only folder) is logged once and the shard goes on.
+    With ``tries``, every record names the Airflow try it belongs to.
     """
 
-    def __init__(self, folder: Path, spec: dict[str, Any]) -> None:
+    def __init__(self, folder: Path, spec: dict[str, Any], *, tries: Tries | None = None) -> None:
         self.path = folder / f"{spec['shard_id']}.jsonl"
         self.failed = False
         try:
@@ -172,6 +189,7 @@ class ProgressLog:
             "label": spec["label"],
             "dataset": spec["dataset"],
             "total": len(spec["files"]),
+            **(tries.fields() if tries is not None else {}),
         }
 
     def write(self, **fields: Any) -> None:

@@ -13,7 +13,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +29,15 @@ PLOT_NAMES = ("pca.png", "throughput.png")
 # Seconds without a new record after which a running shard is shown as quiet:
 # a worker reports every 2 s, so this is many missed reports, not a slow batch.
 QUIET_AFTER_S = 60.0
-# States a shard can be in, as the page and the terminal show them.
-SHARD_STATES = ("pending", "running", "success", "failed")
+# States a shard can be in, as the page and the terminal show them: "retrying"
+# is a failed try with tries left (Airflow will run it again), "failed" one
+# with none left.
+SHARD_STATES = ("pending", "running", "retrying", "success", "failed")
+# How a single try of a shard ended: "interrupted" is a try that stopped
+# without a record of its end (its task process was killed or lost).
+ATTEMPT_STATES = ("running", "success", "failed", "interrupted")
+# Longest failure reason kept per try, in characters: one line on the page.
+MAX_REASON_CHARS = 240
 # A run's states: its shards' ones, and "verifying" once every shard is done but
 # verification has not said yet. A run is "success" only once verification passed.
 RUN_STATES = (*SHARD_STATES, "verifying")
@@ -54,6 +61,20 @@ class Sample:
 
 
 @dataclass(frozen=True)
+class Attempt:
+    """One try of a shard, from the records between its start and the next try's start."""
+
+    try_number: int | None  # Airflow's try number, where the task recorded it
+    state: str  # one of ATTEMPT_STATES
+    device: str | None
+    fallback_reason: str | None  # why this try's GPU worker gave way to a CPU one
+    reason: str | None  # one line: why a failed try failed
+    started: float | None  # Unix time of the try's first record
+    ended: float | None  # Unix time of its last record
+    extracted: int  # files this try extracted
+
+
+@dataclass(frozen=True)
 class ShardProgress:
     """Where one shard stands, from its last record."""
 
@@ -73,6 +94,10 @@ class ShardProgress:
     error: str | None
     attempts: int
     updated: float | None  # Unix time of the last record
+    history: tuple[Attempt, ...] = ()  # every try, oldest first
+    try_number: int | None = None  # the latest try's number, where recorded
+    max_tries: int | None = None  # tries Airflow allows in all (its max_tries + 1), where recorded
+    retry_at: float | None = None  # Unix time the next try is due, while retrying
 
 
 @dataclass(frozen=True)
@@ -100,7 +125,7 @@ class RunProgress:
     state: str
     total: int
     done: int
-    files_per_s: float
+    files_per_s: float  # files extracted per second of time some shard was working (busy_s)
     eta_s: float | None
     updated: float | None
     datasets: tuple[DatasetProgress, ...]
@@ -115,6 +140,7 @@ class RunProgress:
     dag_state: str | None = None  # the Airflow DAG run's state, where Airflow was asked
     probe: dict[str, Any] | None = None  # probe_gpu's report (progress.PROBE_FIELDS), once it has run
     note: str | None = None  # the plan's note: the shard size was raised to fit core.max_map_length
+    busy_s: float = 0.0  # seconds in which at least one shard was working (retry waits and queueing not counted)
 
     @property
     def shards(self) -> tuple[ShardProgress, ...]:
@@ -167,12 +193,67 @@ def _float(record: dict[str, Any], key: str) -> float:
     return 0.0
 
 
-def shard_progress(entry: dict[str, Any], records: list[dict[str, Any]]) -> ShardProgress:
+def one_line(text: str, *, limit: int = MAX_REASON_CHARS) -> str:
+    """Return the first non-empty line of ``text``; past ``limit`` characters its middle gives way to an ellipsis.
+
+    The start says what failed and the end usually names the file, so both stay.
+    """
+    line = next((part.strip() for part in text.splitlines() if part.strip()), "")
+    if len(line) <= limit:
+        return line
+    head = (limit - 1) // 2
+    return f"{line[:head].rstrip()}…{line[len(line) - (limit - 1 - head):].lstrip()}"
+
+
+def _optional_int(record: dict[str, Any], key: str) -> int | None:
+    value = record.get(key)
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _is_start(record: dict[str, Any]) -> bool:
+    """Return whether a record opens a try: the runner's first record, before any worker output."""
+    return record.get("state") == "running" and "extracted" not in record
+
+
+def attempts_of(records: list[dict[str, Any]]) -> list[Attempt]:
+    """Split a shard's records (oldest first) into its tries and say how each ended."""
+    groups: list[list[dict[str, Any]]] = []
+    for record in records:
+        if _is_start(record) or not groups:
+            groups.append([])
+        groups[-1].append(record)
+    tries: list[Attempt] = []
+    for index, group in enumerate(groups):
+        last = group[-1]
+        state = str(last.get("state", "running"))
+        if state not in ("success", "failed"):
+            # A later try started without this one recording its end: it was killed or lost.
+            state = "interrupted" if index < len(groups) - 1 else "running"
+        stamps = [_float(r, "ts") for r in group if _float(r, "ts") > 0]
+        device = last.get("device") or next((r.get("device") for r in reversed(group) if r.get("device")), None)
+        fallback = next((r.get("fallback_reason") for r in reversed(group) if r.get("fallback_reason")), None)
+        tries.append(
+            Attempt(
+                try_number=next((n for r in group if (n := _optional_int(r, "try_number")) is not None), None),
+                state=state,
+                device=str(device) if device else None,
+                fallback_reason=str(fallback) if fallback else None,
+                reason=one_line(str(last["error"])) if state == "failed" and last.get("error") else None,
+                started=min(stamps) if stamps else None,
+                ended=max(stamps) if stamps else None,
+                extracted=max((_int(r, "extracted") for r in group), default=0),
+            )
+        )
+    return tries
+
+
+def shard_progress(entry: dict[str, Any], records: list[dict[str, Any]], *, now: float | None = None) -> ShardProgress:
     """Return one shard's standing from its plan entry and its records (oldest first).
 
     The last record gives the state. Each attempt (a task try, or a cleared
     shard run again) starts with a record the runner writes before any worker
-    output, the only ``running`` record without ``extracted``.
+    output, the only ``running`` record without ``extracted``. A failed try
+    whose records say Airflow has tries left is ``retrying``, not ``failed``.
     """
     total = int(entry["files"])
     base = {"shard_id": entry["shard_id"], "label": entry["label"], "dataset": entry["dataset"], "total": total}
@@ -185,7 +266,13 @@ def shard_progress(entry: dict[str, Any], records: list[dict[str, Any]]) -> Shar
     state = str(last.get("state", "running"))
     if state not in SHARD_STATES:
         state = "running"
-    attempts = sum(1 for r in records if r.get("state") == "running" and "extracted" not in r)
+    history = attempts_of(records)
+    attempts = sum(1 for r in records if _is_start(r))
+    try_number, max_tries = _optional_int(last, "try_number"), _optional_int(last, "max_tries")
+    retry_at: float | None = None
+    if state == "failed" and try_number is not None and max_tries is not None and try_number < max_tries:
+        state = "retrying"
+        retry_at = _float(last, "ts") + _float(last, "retry_delay_s")
     # A failure record carries no counts: take them from the last record that has them.
     counted = next((r for r in reversed(records) if "done" in r), last)
     done = min(_int(counted, "done"), total)
@@ -209,19 +296,43 @@ def shard_progress(entry: dict[str, Any], records: list[dict[str, Any]]) -> Shar
         skipped=_int(counted, "skipped"),
         bad=_int(counted, "bad"),
         eta_s=eta,
-        error=str(last["error"]) if state == "failed" and last.get("error") else None,
+        error=str(last["error"]) if state in ("failed", "retrying") and last.get("error") else None,
         attempts=attempts,
         updated=_float(last, "ts") or None,
+        history=tuple(history),
+        try_number=try_number,
+        max_tries=max_tries,
+        retry_at=retry_at,
     )
 
 
+def busy_seconds(shards: list[ShardProgress]) -> float:
+    """Return the seconds in which at least one shard was working: the union of every try's first-to-last record span."""
+    spans = sorted(
+        (a.started, a.ended) for s in shards for a in s.history if a.started is not None and a.ended is not None
+    )
+    busy, reach = 0.0, float("-inf")
+    for start, end in spans:
+        if end <= reach:
+            continue
+        busy += end - max(start, reach)
+        reach = end
+    return busy
+
+
 def combined_state(states: list[str]) -> str:
-    """Return the state of a group of shards: running while any is running or some, not all, are pending."""
+    """Return the state of a group of shards: running while any is running or some, not all, are pending.
+
+    Once none runs or waits to start, a group with a shard waiting for its
+    next try is ``retrying``; one whose failed shard has no try left is ``failed``.
+    """
     kinds = set(states)
     if not kinds or kinds == {"pending"}:
         return "pending"
     if "running" in kinds or "pending" in kinds:
         return "running"
+    if "retrying" in kinds:
+        return "retrying"
     if "failed" in kinds:
         return "failed"
     return "success"
@@ -292,11 +403,12 @@ def _samples(records_by_shard: dict[str, list[dict[str, Any]]], datasets: dict[s
 def load_run(folder: Path, *, dag_state: str | None = None) -> RunProgress:
     """Read one run's plan, records and verification outcome into a ``RunProgress``.
 
-    The run's rate is the files extracted (not skipped) per second of wall
-    time between its first and last record (shard start-up included), so the
-    ETA it gives for the files left counts the start-up of the shards still
-    to come. The state comes from the shards, verification's record and,
-    where the caller asked Airflow, ``dag_state`` (``run_state``).
+    The run's rate is the files extracted (not skipped) by every try per
+    second in which at least one shard was working (``busy_seconds``: from a
+    try's first record to its last, shard start-up included; retry waits and
+    time spent queued are not). The state comes from the shards,
+    verification's record and, where the caller asked Airflow, ``dag_state``
+    (``run_state``): once Airflow says the run failed, no shard is retrying.
 
     Raises:
         ProgressNotFound: the folder has no readable ``plan.json``.
@@ -312,6 +424,8 @@ def load_run(folder: Path, *, dag_state: str | None = None) -> RunProgress:
     entries: list[dict[str, Any]] = list(plan.get("shards", []))
     records = {e["shard_id"]: read_records(folder / f"{e['shard_id']}.jsonl") for e in entries}
     shards = [shard_progress(e, records[e["shard_id"]]) for e in entries]
+    if dag_state == "failed":  # Airflow gave up on the run: no try is coming
+        shards = [replace(s, state="failed", retry_at=None) if s.state == "retrying" else s for s in shards]
     ignored_of: dict[str, int] = {}
     for entry in entries:
         ignored_of[entry["dataset"]] = ignored_of.get(entry["dataset"], 0) + _int(entry, "ignored")
@@ -334,7 +448,9 @@ def load_run(folder: Path, *, dag_state: str | None = None) -> RunProgress:
         error = f"verification failed with {_int(verified or {}, 'problem_count')} problem(s)"
         error += f", e.g. {problems[0]}" if problems else ""
     state = run_state(combined_state([s.state for s in shards]), verification, dag_state=dag_state, error=error)
-    rate = extracted / (last - first) if first is not None and last is not None and last > first else 0.0
+    busy = busy_seconds(shards)
+    worked = sum(a.extracted for s in shards for a in s.history)
+    rate = worked / busy if busy > 0 else 0.0
     eta: float | None = None
     if state == "success":
         eta = 0.0
@@ -363,6 +479,7 @@ def load_run(folder: Path, *, dag_state: str | None = None) -> RunProgress:
         dag_state=dag_state,
         probe=read_probe(folder),
         note=str(plan["note"]) if plan.get("note") else None,
+        busy_s=round(busy, 3),
     )
 
 
@@ -481,6 +598,61 @@ def device_text(shard: ShardProgress) -> str:
     return text
 
 
+def state_text(shard: ShardProgress, *, now: float) -> str:
+    """Return a shard's state in words: ``retrying (try 2 of 3, next in 30s)`` while Airflow has tries left."""
+    if shard.state != "retrying":
+        return shard.state
+    upcoming = (shard.try_number or 0) + 1
+    due = "due now" if shard.retry_at is None or shard.retry_at <= now else f"next in {format_duration(shard.retry_at - now)}"
+    return f"retrying (try {upcoming} of {shard.max_tries}, {due})"
+
+
+def _try_words(tries: list[tuple[int, Attempt]]) -> str:
+    """Return `` on try 4`` or `` on tries 1-3`` for tries given with their place in the shard's history (1-based)."""
+    numbers = [a.try_number if a.try_number is not None else place for place, a in tries]
+    if not numbers:
+        return ""
+    if len(numbers) == 1:
+        return f" on try {numbers[0]}"
+    return f" on tries {numbers[0]}-{numbers[-1]}" if numbers == list(range(numbers[0], numbers[-1] + 1)) else ""
+
+
+def history_text(shard: ShardProgress) -> str:
+    """Return every try of a shard in one line, e.g. ``failed ×3: cannot write …; succeeded on try 4``.
+
+    Consecutive tries that ended the same way for the same reason are counted
+    together; a try whose GPU worker gave way to a CPU one says so. Empty for
+    a shard with one try and no fallback: its state says it all.
+    """
+    history = list(shard.history)
+    if len(history) <= 1 and not any(a.fallback_reason for a in history):
+        return ""
+    groups: list[list[tuple[int, Attempt]]] = []
+    for place, attempt in enumerate(history, start=1):
+        key = (attempt.state, attempt.reason, attempt.fallback_reason)
+        held = groups[-1][0][1] if groups else None
+        if held is not None and (held.state, held.reason, held.fallback_reason) == key:
+            groups[-1].append((place, attempt))
+        else:
+            groups.append([(place, attempt)])
+    parts = []
+    for group in groups:
+        first, count = group[0][1], len(group)
+        times = f" ×{count}" if count > 1 else ""
+        if first.state == "failed":
+            text = f"failed{times}{_try_words(group) if count == 1 else ''}: {first.reason or 'no reason recorded'}"
+        elif first.state == "interrupted":
+            text = f"stopped without a result{times} (its task was killed or lost)"
+        elif first.state == "success":
+            text = f"succeeded{_try_words(group)}"
+        else:
+            text = f"running{_try_words(group)}"
+        if first.fallback_reason:
+            text += f" (re-run on CPU: {one_line(first.fallback_reason)})"
+        parts.append(text)
+    return "; ".join(parts)
+
+
 def rate_text(shard: ShardProgress) -> str:
     """Return a shard's files/s over the files it extracted; ``-`` for a finished shard that extracted none (all skipped)."""
     if shard.extracted == 0 and shard.state in FINAL_STATES:
@@ -494,7 +666,8 @@ def format_run(run: RunProgress, *, now: float | None = None) -> str:
     lines = [
         f"run {run.run_id}: {run.state}, {run.done}/{run.total} files "
         f"({run.extracted} extracted, {run.skipped} skipped, {run.bad} bad, {run.ignored} ignored), "
-        f"{run.files_per_s:.1f} files/s extracted, ETA {format_duration(run.eta_s)}",
+        f"{run.files_per_s:.1f} files/s extracted while shards worked ({format_duration(run.busy_s)}; "
+        f"retry waits and queueing not counted), ETA {format_duration(run.eta_s)}",
     ]
     if run.updated is not None:
         lines[0] += f", last record {format_duration(now - run.updated)} ago"
@@ -504,7 +677,7 @@ def format_run(run: RunProgress, *, now: float | None = None) -> str:
     lines.append(gpu_text(run.probe))
     if run.probe and run.probe.get("fix"):
         lines.append(f"GPU fix: {run.probe['fix']}")
-    header = f"  {'shard':<16} {'state':<8} {'files':>11} {'skipped':>8} {'bad':>5} {'files/s':>8} {'ETA':>7}  device"
+    header = f"  {'shard':<16} {'state':<10} {'files':>11} {'skipped':>8} {'bad':>5} {'files/s':>8} {'ETA':>7}  device"
     for dataset in run.datasets:
         lines.append(
             f"{dataset.name}: {dataset.state}, {dataset.done}/{dataset.total} files "
@@ -512,15 +685,17 @@ def format_run(run: RunProgress, *, now: float | None = None) -> str:
         )
         lines.append(header)
         for shard in dataset.shards:
-            state = shard.state
+            state = state_text(shard, now=now)
             if state == "running" and shard.updated is not None and now - shard.updated > QUIET_AFTER_S:
                 state = "quiet"
             lines.append(
-                f"  {shard.label:<16} {state:<8} {f'{shard.done}/{shard.total}':>11} {shard.skipped:>8} {shard.bad:>5} "
+                f"  {shard.label:<16} {state:<10} {f'{shard.done}/{shard.total}':>11} {shard.skipped:>8} {shard.bad:>5} "
                 f"{rate_text(shard):>8} {format_duration(shard.eta_s):>7}  {device_text(shard)}"
             )
             if shard.error:
-                lines.append(f"    error: {shard.error}")
+                lines.append(f"    {'last error' if shard.state == 'retrying' else 'error'}: {shard.error}")
+            if history := history_text(shard):
+                lines.append(f"    tries: {history}")
     for plot in run.plots:
         lines.append(f"plot: {plot}")
     return "\n".join(lines)

@@ -26,6 +26,7 @@ from typing import IO, Any
 from cnn_features.backends import backend_env, visible_gpus
 from cnn_features.config import load_settings
 from cnn_features.errors import ShardFailed, StoreError
+from cnn_features.names import SHARDS_DIR as SHARD_RESULTS_DIR
 from cnn_features.procs import (
     PROGRESS_PREFIX,
     RESULT_PREFIX,
@@ -34,12 +35,18 @@ from cnn_features.procs import (
     parse_line,
     python_module_cmd,
 )
-from cnn_features.progress import ProgressLog
+from cnn_features.progress import ProgressLog, Tries
+from cnn_features.progress_report import one_line
 from cnn_features.s3 import S3Access, is_s3
+from cnn_features.slots import SlotUnavailable, hold_slot
 from cnn_features.storage import write_json_atomic
 from cnn_features.stores import open_store
 
 log = logging.getLogger(__name__)
+
+# Longest failure reason logged as a shard's last line: one line, long enough
+# for the paths in it, short enough for a log panel to show without scrolling far.
+LOG_REASON_CHARS = 600
 
 # Worker statuses that a CPU re-run can fix: the GPU would not start, a GPU
 # pass raised (CUDA error, out of GPU memory), or the process died (CUDA
@@ -51,8 +58,6 @@ _TAIL_LINES = 20
 # TensorFlow's start-up chatter that no log level setting silences: absl INFO
 # lines (``I0000 00:00:...``) and the notice printed before absl is set up.
 _NOISE = re.compile(r"^(I\d{4} \d\d:\d\d:|WARNING: All log messages before absl::InitializeLog)")
-# Folder (inside each output folder) holding each shard's last result.
-SHARD_RESULTS_DIR = "_shards"
 # Suffix of shard claim files (``shard_lock``) in an output's lock folder, and
 # the lock that makes claims there one at a time.
 _CLAIM_SUFFIX = ".lock"
@@ -166,54 +171,31 @@ def _run_attempt(
     gpus = visible_gpus(count=probe.get("device_count")) if device == "gpu" else []
     if not gpus:
         return _run_worker(spec_path, device, shard_id, on_progress, extra)
-    with gpu_slot(gpus, shard_id) as gpu:
+    with contextlib.ExitStack() as held:
+        try:
+            gpu = held.enter_context(gpu_slot(gpus, shard_id))
+        except SlotUnavailable as exc:
+            # A planted or open slot folder is the host's problem, not a GPU fault, and running
+            # unlocked could put two shards on one GPU: the shard fails, naming it. No worker ran.
+            log.error("shard %s: no GPU slot: %s", shard_id, exc)
+            return Attempt(device, "no_gpu_slot", {}, f"no GPU slot: {exc}", 0, 0.0)
         log.info("shard %s: pinned to GPU %s (CUDA_VISIBLE_DEVICES=%s) of %d", shard_id, gpu, gpu, len(gpus))
         return _run_worker(spec_path, device, shard_id, on_progress, {**extra, "CUDA_VISIBLE_DEVICES": gpu})
 
 
-def gpu_slot_folder() -> Path:
-    """Return the per-user folder of GPU (and CPU) slot locks, shared by every deployment on the machine."""
-    return Path(tempfile.gettempdir()) / f"cnn-features-{os.getuid()}"
-
-
-@contextlib.contextmanager
-def gpu_slot(gpus: list[str], shard_id: str, *, poll_s: float = _GPU_SLOT_POLL_S) -> Iterator[str]:
+def gpu_slot(gpus: list[str], shard_id: str, *, poll_s: float = _GPU_SLOT_POLL_S) -> contextlib.AbstractContextManager[str]:
     """Hold one GPU's slot for a worker; yield its ``CUDA_VISIBLE_DEVICES`` id.
 
     One shard per GPU: N GPUs run N shards at once, each in a worker that
     sees only its own GPU, and a further shard waits for the first GPU to
-    come free. Slots are ``flock`` locks held by this (parent) process, so the
-    kernel frees a slot whose holder died, however it died.
+    come free. Slots are ``flock`` locks held by this (parent) process in the
+    checked per-user slot folder (``slots``), so the kernel frees a slot
+    whose holder died, however it died.
+
+    Raises:
+        SlotUnavailable: the slot folder or a GPU's lock file is refused (a symlink, another user's, open to others).
     """
-    folder = gpu_slot_folder()
-    folder.mkdir(mode=0o700, exist_ok=True)
-    handles: list[tuple[str, IO[str]]] = []
-    try:
-        for gpu in gpus:
-            safe = re.sub(r"[^A-Za-z0-9_.-]", "_", gpu)
-            handles.append((gpu, open(folder / f"gpu-slot-{safe}.lock", "a+", encoding="utf-8")))  # noqa: SIM115 - closed below
-        waiting_since: float | None = None
-        while True:
-            for gpu, handle in handles:
-                try:
-                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    continue
-                if waiting_since is not None:
-                    log.info("shard %s: got GPU %s after %.1f s", shard_id, gpu, time.monotonic() - waiting_since)
-                handle.seek(0)
-                handle.truncate()
-                handle.write(f"shard {shard_id}, pid {os.getpid()}\n")
-                handle.flush()
-                yield gpu
-                return
-            if waiting_since is None:
-                waiting_since = time.monotonic()
-                log.info("shard %s: every GPU (%s) is busy; waiting for one", shard_id, ", ".join(gpus))
-            time.sleep(poll_s)
-    finally:
-        for _, handle in handles:
-            handle.close()  # closing drops the lock
+    return hold_slot("GPU", gpus, shard_id, poll_s=poll_s)
 
 
 def run_shard(
@@ -223,6 +205,7 @@ def run_shard(
     probe: dict[str, Any],
     progress_dir: Path | None = None,
     access: S3Access | None = None,
+    tries: Tries | None = None,
 ) -> dict[str, Any]:
     """Extract one shard in fresh processes and return its result.
 
@@ -231,22 +214,33 @@ def run_shard(
     already written are kept and skipped). The result says which device did
     the work and why, and is also saved as ``<output>/_shards/<id>.json``.
     With ``progress_dir``, progress records are appended there as it runs
-    (see ``progress``). S3 settings in ``access`` reach the workers through
-    their environment only; the spec file holds no secret.
+    (see ``progress``), each naming the Airflow try in ``tries`` so a
+    failure with tries left reads as retrying. S3 settings in ``access``
+    reach the workers through their environment only; the spec file holds no
+    secret. A failure's one-line reason is logged last, just before it is
+    raised, so it ends the task log above Airflow's traceback.
 
     Raises:
         ShardFailed: the shard could not be completed on any device.
     """
     shard_id = spec["shard_id"]
-    with shard_lock(spec["output"], shard_id, spec["files"]):
-        return _run_locked(
-            spec,
-            shard_id,
-            requested_device=requested_device,
-            probe=probe,
-            progress_dir=progress_dir,
-            access=access or S3Access(),
-        )
+    locked = False
+    try:
+        with shard_lock(spec["output"], shard_id, spec["files"]):
+            locked = True
+            return _run_locked(
+                spec,
+                shard_id,
+                requested_device=requested_device,
+                probe=probe,
+                progress_dir=progress_dir,
+                access=access or S3Access(),
+                tries=tries,
+            )
+    except ShardFailed as exc:
+        if not locked:  # the lock refused the shard; _run_locked logs its own failures
+            log.error("%s", one_line(str(exc), limit=LOG_REASON_CHARS))
+        raise
 
 
 def _lock_folder(output: str) -> Path:
@@ -384,12 +378,20 @@ def _run_locked(
     probe: dict[str, Any],
     progress_dir: Path | None,
     access: S3Access,
+    tries: Tries | None,
 ) -> dict[str, Any]:
     device, reason = choose_device(requested_device, probe)
     log.info("shard %s: %d files, device %s: %s", shard_id, len(spec["files"]), device.upper(), reason)
     attempts: list[Attempt] = []
     fallback_reason: str | None = None
-    records = ProgressLog(progress_dir, spec) if progress_dir is not None else None
+    records = ProgressLog(progress_dir, spec, tries=tries) if progress_dir is not None else None
+
+    def fail(msg: str, device: str) -> ShardFailed:
+        """Record the failure, log its reason as one plain line, and return the error to raise."""
+        if records is not None:
+            records.write(state="failed", device=device, fallback_reason=fallback_reason, error=msg)
+        log.error("%s%s", one_line(msg, limit=LOG_REASON_CHARS), f" (try {tries.try_number} of {tries.max_tries})" if tries else "")
+        return ShardFailed(msg)
 
     def on_progress(progress: dict[str, Any]) -> None:
         if records is not None:
@@ -417,9 +419,7 @@ def _run_locked(
         msg = f"shard {shard_id} ({spec['dataset']}) failed on {final.device.upper()}: {final.error}"
         if fallback_reason:
             msg += f" (after GPU failure: {fallback_reason})"
-        if records is not None:
-            records.write(state="failed", device=final.device, fallback_reason=fallback_reason, error=msg)
-        raise ShardFailed(msg)
+        raise fail(msg, final.device)
     result = {
         **final.result,
         "shard_id": shard_id,
@@ -441,7 +441,7 @@ def _run_locked(
         output.write(f"{SHARD_RESULTS_DIR}/{shard_id}.json", (json.dumps(result, indent=2, sort_keys=True) + "\n").encode())
     except (OSError, StoreError) as exc:
         msg = f"shard {shard_id}: features written, but not its result under {output.uri}: {exc}"
-        raise ShardFailed(msg) from None
+        raise fail(msg, final.device) from None
     if records is not None:
         records.write(
             state="success",

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
-import fcntl
 import functools
 import json
 import logging
@@ -24,15 +22,13 @@ import os
 import queue
 import resource
 import signal
-import stat
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 
@@ -42,6 +38,7 @@ from cnn_features.errors import CnnFeaturesError, InvalidSpectrogram, ModelError
 from cnn_features.memory import FALLBACK_BYTES_PER_FRAME_PER_MEL, pass_budget
 from cnn_features.procs import PROGRESS_PREFIX, RESULT_PREFIX, die_with_parent, emit
 from cnn_features.shipping import local_model
+from cnn_features.slots import SlotUnavailable, hold_slot
 from cnn_features.spectrogram import MAX_INPUT_BYTES, parse_spectrogram
 from cnn_features.storage import npy_bytes
 from cnn_features.stores import LocalStore, Store, feature_digests, open_store, valid_features
@@ -88,6 +85,24 @@ class OutputWriteError(CnnFeaturesError):
     """A feature (or the output folder) could not be written."""
 
 
+def write_error(output: str, exc: OSError) -> str:
+    """Return why features cannot be written under ``output``, naming the folder that refused, not a temporary's name.
+
+    The same fault gives the same words on every try (a temporary's name
+    holds a pid and random characters), so repeated failures read as one.
+    """
+    reason = exc.strerror or str(exc)
+    if exc.errno is not None:
+        reason += f" (errno {exc.errno})"
+    if not exc.filename:
+        return f"cannot write features under {output}: {reason}"
+    folder = Path(os.fsdecode(exc.filename)).parent
+    base = Path(output)
+    where = folder.relative_to(base).as_posix() if folder.is_relative_to(base) else str(folder)
+    place = "its top folder" if where == "." else f"{where}/"
+    return f"cannot write features under {output}: {reason} in {place}"
+
+
 class InferenceError(CnnFeaturesError):
     """A forward pass raised; on a GPU that is a GPU fault, on a CPU a model error."""
 
@@ -104,8 +119,6 @@ class Tally:
     last_report: float = 0.0
     # Lineage entry of every feature this shard reused or stored, for its whole record.
     lineage: dict[str, dict[str, Any]] = field(default_factory=dict)
-    # Each pending local input's (size, mtime_ns, ctime_ns, inode), taken before it is read.
-    input_stats: dict[str, list[int] | None] = field(default_factory=dict)
     # Each read input's SHA-256, hashed while its bytes are in memory.
     digests: dict[str, str] = field(default_factory=dict)
     # Inputs read again to check their digest before reusing a feature (their stat changed, or on S3).
@@ -200,7 +213,6 @@ def _pending(
         elif rel in tally.lineage:
             tally.skipped += 1
         else:
-            tally.input_stats[rel] = lineage.input_stat(source, rel)
             todo.append((int(size), rel))
     todo.sort()
     return todo
@@ -258,72 +270,18 @@ def cpu_slot(streams: int, shard_id: str) -> Iterator[None]:
     would only share the same cores (and their caches). Two shards started
     together on two cores load TensorFlow side by side, then run one after
     the other: the second start-up hides behind the first shard's work. Slots
-    are ``flock`` locks in a per-user folder of the temporary directory, shared
-    by every deployment on the machine; the kernel frees a dead worker's slot.
+    are ``flock`` locks in the per-user slot folder (``slots``), shared by
+    every deployment on the machine; the kernel frees a dead worker's slot.
+    A refused folder or lock file (a planted symlink, an open folder) is
+    logged and the worker runs without a slot.
     """
     slots = max(1, len(os.sched_getaffinity(0)) // max(1, streams))
-    folder = Path(tempfile.gettempdir()) / f"cnn-features-{os.getuid()}"
-    handles: list[IO[str]] = []
-    try:
-        _private_folder(folder)
-        handles += [_open_lock(folder / f"cpu-slot-{i}.lock") for i in range(slots)]
-    except OSError as exc:
-        for handle in handles:
-            handle.close()
-        log.warning("shard %s: no CPU slot lock in %s (%s); running without one", shard_id, folder, exc)
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(hold_slot("CPU", [str(i) for i in range(slots)], shard_id, poll_s=_SLOT_POLL_S))
+        except SlotUnavailable as exc:
+            log.warning("shard %s: no CPU slot (%s); running without one", shard_id, exc)
         yield
-        return
-    try:
-        held = _take_slot(handles, shard_id)
-        held.seek(0)
-        held.truncate()
-        held.write(f"shard {shard_id}, pid {os.getpid()}\n")
-        held.flush()
-        yield
-    finally:
-        for handle in handles:
-            handle.close()  # closing drops the lock
-
-
-def _private_folder(folder: Path) -> None:
-    """Create ``folder`` (mode 0700) or check the one there: a real folder, ours, closed to others.
-
-    Raises:
-        OSError: it is a symlink or not a folder, another user owns it, or others may write or read it.
-    """
-    with contextlib.suppress(FileExistsError):
-        folder.mkdir(mode=0o700)
-    info = os.lstat(folder)
-    if not stat.S_ISDIR(info.st_mode):
-        raise OSError(errno.ENOTDIR, "not a folder (a symlink?); refusing it", str(folder))
-    if info.st_uid != os.geteuid():
-        raise OSError(errno.EPERM, f"owned by uid {info.st_uid}, not {os.geteuid()}; refusing it", str(folder))
-    if info.st_mode & 0o077:
-        raise OSError(errno.EPERM, f"mode {stat.S_IMODE(info.st_mode):04o}, not 0700; refusing it", str(folder))
-
-
-def _open_lock(path: Path) -> IO[str]:
-    """Open a lock file for update without following a symlink planted in its place."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    return os.fdopen(fd, "r+", encoding="utf-8")
-
-
-def _take_slot(handles: list[IO[str]], shard_id: str) -> IO[str]:
-    waiting_since: float | None = None
-    while True:
-        for handle in handles:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue
-            if waiting_since is not None:
-                log.info("shard %s: got a CPU slot after %.1f s", shard_id, time.monotonic() - waiting_since)
-            return handle
-        if waiting_since is None:
-            waiting_since = time.monotonic()
-            handles[0].seek(0)
-            log.info("shard %s: every CPU slot is busy (%s); waiting", shard_id, handles[0].read().strip() or "another worker")
-        time.sleep(_SLOT_POLL_S)
 
 
 def cpu_streams(configured: int) -> int:
@@ -615,8 +573,7 @@ def extract(spec: dict[str, Any], device: str) -> dict[str, Any]:
     try:
         output.prepare([rel for rel in spec["files"] if rel not in rejected])
     except OSError as exc:
-        msg = f"cannot write features under {spec['output']}: {exc}"
-        raise OutputWriteError(msg) from None
+        raise OutputWriteError(write_error(spec["output"], exc)) from None
     todo = _pending(spec, info, (source, output), tally)
     # Nothing to extract (a re-run over done features): no framework, no model load.
     predictor = _load_predictor(info, device, streams, output=output) if todo else _no_passes
@@ -700,8 +657,7 @@ def _extract_pending(
         try:
             return put()
         except OSError as exc:
-            msg = f"cannot write features under {spec['output']}: {exc}"
-            raise OutputWriteError(msg) from None
+            raise OutputWriteError(write_error(spec["output"], exc)) from None
 
     # A GPU pass outruns one reader thread; CPU passes never wait for reads.
     read_threads = load_settings().gpu_read_threads if device == "gpu" else 1
@@ -738,7 +694,8 @@ def _extract_pending(
                     entry = {
                         "feature": rel,
                         "input_sha256": tally.digests.pop(rel),
-                        "input_stat": tally.input_stats.get(rel),
+                        # The fstat of the descriptor these bytes were read from (``lineage.read_stat``).
+                        "input_stat": lineage.read_stat(source, rel),
                         "feature_sha256": lineage.sha256_hex(data),
                     }
                     record.add([entry])

@@ -37,14 +37,38 @@ print("REPORT " + json.dumps({
         }
         for dag_id, dag in bag.dags.items()
     },
+    "datasets_form": {
+        name: _verdict(bag.dags["cnn_feature_extraction"].params.get_param("datasets"), value)
+        for name, value in json.loads(sys.argv[2]).items()
+    } if "cnn_feature_extraction" in bag.dags else {},
 }))
 """
+# Put before the report: what the trigger form's schema says of a datasets value.
+_INSPECT = _INSPECT.replace("elapsed = time", """def _verdict(param, value):
+    from airflow.sdk.exceptions import ParamValidationError
+    try:
+        param.resolve(value)
+    except ParamValidationError as exc:
+        return "refused: " + str(exc)
+    return "accepted"
+elapsed = time""", 1)
+# Values of the datasets field put to the trigger form's own schema.
+FORM_VALUES = {
+    "local and s3": {"ravdess": {"input": "/data/in", "output": "s3://feature-bucket/ravdess"}},
+    "relative input": {"ravdess": {"input": "data/in", "output": "/data/out"}},
+    "no output": {"ravdess": {"input": "/data/in"}},
+    "unknown dataset": {"savee": {"input": "/data/in", "output": "/data/out"}},
+    "extra key": {"ravdess": {"input": "/data/in", "output": "/data/out", "shard": 3}},
+    "bad bucket": {"ravdess": {"input": "s3://A/in", "output": "/data/out"}},
+    "empty": {},
+}
 
 
 def _load(home: Path, **extra: str) -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CNN_FEATURES_GPU_")}
     env.update({"AIRFLOW_HOME": str(home), "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "CNN_FEATURES_HOME": str(home / "data"), **extra})
-    proc = subprocess.run([sys.executable, "-c", _INSPECT, str(DAGS)], env=env, capture_output=True, text=True, check=False, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", _INSPECT, str(DAGS), json.dumps(FORM_VALUES)], env=env,
+                          capture_output=True, text=True, check=False, timeout=300)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("REPORT ")]
     assert lines, f"DagBag load failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
     return json.loads(lines[-1][len("REPORT ") :])
@@ -118,3 +142,13 @@ def test_dag_files_import_only_light_modules() -> None:
     for path in DAGS.glob("*.py"):
         top = [line for line in path.read_text().splitlines() if line.startswith(("import ", "from "))]
         assert not [line for line in top if "tensorflow" in line or "keras" in line], path
+
+
+def test_the_trigger_forms_schema_refuses_a_bad_datasets_value_before_a_run(report: dict[str, Any]) -> None:
+    """The datasets Param's JSON schema, which the trigger form and REST apply before a run exists, refuses relative paths, missing keys and unknown layouts."""
+    verdicts = report["datasets_form"]
+    assert verdicts.pop("local and s3") == "accepted"
+    for name, verdict in verdicts.items():
+        assert verdict.startswith("refused: "), (name, verdict)
+    assert "does not match" in verdicts["relative input"] and "'output' is a required property" in verdicts["no output"]
+    assert "savee" in verdicts["unknown dataset"]

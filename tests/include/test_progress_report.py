@@ -17,9 +17,11 @@ from cnn_features.progress_report import (
     find_run,
     format_duration,
     format_run,
+    history_text,
     list_runs,
     load_run,
     read_records,
+    state_text,
     to_dict,
 )
 
@@ -74,7 +76,7 @@ def test_shards_show_state_counts_device_and_fallback(run: dict[str, Any]) -> No
 
 
 def test_run_and_datasets_sum_their_shards(run: dict[str, Any]) -> None:
-    """Datasets and the run add up their shards; the run rate (files extracted) spans first to last record, and gives the ETA."""
+    """Datasets and the run add up their shards; the run rate is files extracted per second some shard worked, and gives the ETA."""
     progress = load_run(run["folder"])
     assert progress.run_id == RUN_ID
     assert [(d.name, d.done, d.total, d.state) for d in progress.datasets] == [
@@ -82,8 +84,10 @@ def test_run_and_datasets_sum_their_shards(run: dict[str, Any]) -> None:
         ("crema_d", 0, 20, "pending"),
     ]
     assert (progress.done, progress.total, progress.state) == (14, 40, "running")
-    assert progress.files_per_s == pytest.approx(13 / 10)
-    assert progress.eta_s == pytest.approx(26 / 1.3)
+    # Shards worked 1000-1004 and 1005-1010: 9 s, not the 10 s between the first and last record.
+    assert progress.busy_s == pytest.approx(9.0)
+    assert progress.files_per_s == pytest.approx(13 / 9, abs=1e-3)
+    assert progress.eta_s == pytest.approx(26 / (13 / 9))
     assert progress.updated == 1010.0
 
 
@@ -341,3 +345,117 @@ def test_the_gpu_probe_report_is_shown_with_its_fix(run: dict[str, Any]) -> None
     assert "GPU: usable: NVIDIA H200, 143771 MiB (jax 0.11.2)" in format_run(progress, now=2000.0)
     page = cnn_progress_page.render_run(progress, base="/", now=2000.0)
     assert 'data-usable="yes"' in page and "NVIDIA H200" in page and 'id="run-gpu-fix"' not in page
+
+
+# The one-line reason a try of the broken shard fails with, as the runner records it.
+CANNOT_WRITE = (
+    "shard ravdess-0002 (ravdess) failed on CPU: cannot write features under /out/ravdess: "
+    "Operation not permitted (errno 1) in Actor_09/"
+)
+
+
+def try_records(log: ProgressLog, try_number: int, *, ts: float, fail: bool, max_tries: int = 3) -> None:
+    """Append one Airflow try of a shard: its start, one batch, and its end (failed or done)."""
+    tries = {"try_number": try_number, "max_tries": max_tries, "retry_delay_s": 30.0}
+    log.path.open("a").write("".join(json.dumps({**log.base, **tries, **r}) + "\n" for r in (
+        {"state": "running", "device": "cpu", "done": 0, "files_per_s": 0.0, "fallback_reason": None, "ts": ts},
+        {"state": "running", "device": "cpu", "done": 10, "extracted": 4, "skipped": 6, "bad": 0, "files_per_s": 2.0, "ts": ts + 2},
+        {"state": "failed", "device": "cpu", "fallback_reason": None, "error": CANNOT_WRITE + "\nTraceback ...", "ts": ts + 4}
+        if fail else
+        {"state": "success", "device": "cpu", "done": 10, "extracted": 4, "skipped": 6, "bad": 0, "files_per_s": 2.0, "ts": ts + 4},
+    )))
+
+
+def broken_shard(
+    run: dict[str, Any], tries: list[bool], *, max_tries: int = 3, dag_state: str | None = None
+) -> tuple[Any, Any]:
+    """Record the tries of shard ravdess 2/2 (True: the try failed) 40 s apart; return the run and that shard."""
+    log = ProgressLog(run["folder"], run["shards"][1])
+    log.path.unlink()
+    for number, fail in enumerate(tries, start=1):
+        try_records(log, number, ts=2000.0 + 40 * (number - 1), fail=fail, max_tries=max_tries)
+    progress = load_run(run["folder"], dag_state=dag_state)
+    return progress, next(s for s in progress.shards if s.shard_id == "ravdess-0002")
+
+
+def test_a_failed_try_with_tries_left_is_retrying_not_failed(run: dict[str, Any]) -> None:
+    """Try 1 of 3 failed: the shard, its dataset and the run read "retrying (try 2 of 3, next in …)", never "failed"."""
+    progress, shard = broken_shard(run, [True])
+    assert (shard.state, shard.try_number, shard.max_tries, shard.retry_at) == ("retrying", 1, 3, 2034.0)
+    assert state_text(shard, now=2014.0) == "retrying (try 2 of 3, next in 20s)"
+    assert state_text(shard, now=2040.0) == "retrying (try 2 of 3, due now)"
+    assert [d.state for d in progress.datasets] == ["retrying", "pending"]
+    assert progress.state == "running"  # crema_d has not started: the run goes on
+    text = format_run(progress, now=2014.0)
+    assert "retrying (try 2 of 3, next in 20s)" in text and "last error: " + CANNOT_WRITE in text
+    assert " failed" not in text.split("\n")[0]
+    assert combined_state(["success", "retrying"]) == "retrying"
+
+
+def test_the_last_try_failing_is_failed(run: dict[str, Any]) -> None:
+    """Try 3 of 3 failed: the shard is failed, and its history says all three tries failed and why."""
+    progress, shard = broken_shard(run, [True, True, True])
+    assert (shard.state, shard.retry_at) == ("failed", None)
+    assert progress.datasets[0].state == "failed"
+    assert history_text(shard) == "failed ×3: " + CANNOT_WRITE
+
+
+def test_a_run_airflow_marked_failed_has_no_retrying_shard(run: dict[str, Any]) -> None:
+    """When Airflow says the DAG run failed, a shard that still had tries left reads failed: no try is coming."""
+    progress, shard = broken_shard(run, [True], dag_state="failed")
+    assert (shard.state, progress.state) == ("failed", "failed")
+
+
+def test_a_repaired_shard_keeps_the_history_of_its_failed_tries(run: dict[str, Any]) -> None:
+    """Three failed tries, then a clear and a 4th try that succeeds: the shard reads success and says what happened before."""
+    progress, shard = broken_shard(run, [True, True, True, False], max_tries=6)
+    assert (shard.state, shard.attempts, shard.error) == ("success", 4, None)
+    assert history_text(shard) == "failed ×3: " + CANNOT_WRITE + "; succeeded on try 4"
+    assert "tries: failed ×3" in format_run(progress, now=3000.0)
+
+
+def test_a_gpu_fallback_is_kept_in_the_history(run: dict[str, Any]) -> None:
+    """A try whose GPU worker failed and whose CPU re-run succeeded says so in the history, even as its only try."""
+    _, shard = broken_shard(run, [])
+    ProgressLog(run["folder"], run["shards"][1]).write(state="running", device="gpu", done=0, files_per_s=0.0, fallback_reason=None)
+    ProgressLog(run["folder"], run["shards"][1]).write(
+        state="success", device="cpu", done=10, extracted=10, skipped=0, bad=0, files_per_s=5.0,
+        fallback_reason="GPU worker failed at CUDA initialisation: CUDA_ERROR_NOT_INITIALIZED",
+    )
+    shard = next(s for s in load_run(run["folder"]).shards if s.shard_id == "ravdess-0002")
+    assert history_text(shard) == (
+        "succeeded on try 1 (re-run on CPU: GPU worker failed at CUDA initialisation: CUDA_ERROR_NOT_INITIALIZED)"
+    )
+
+
+def test_the_run_rate_leaves_out_retry_waits(run: dict[str, Any]) -> None:
+    """Files/s counts only the seconds shards worked: three 4 s tries 40 s apart are 12 s of work, not 84 s of wall time."""
+    for spec in run["shards"][:1]:
+        (run["folder"] / f"{spec['shard_id']}.jsonl").unlink()
+    progress, _ = broken_shard(run, [True, True, False], max_tries=3)
+    assert progress.busy_s == pytest.approx(12.0)
+    assert progress.files_per_s == pytest.approx(12 / 12.0)  # each try extracted 4 files
+
+
+def test_the_page_shows_retrying_failed_and_repaired_as_the_terminal_does(run: dict[str, Any]) -> None:
+    """The progress page's shard row says retrying with the next try, then failed, then the repaired history; its rate says what it counts."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "plugins"))
+    try:
+        import cnn_progress_page
+    finally:
+        sys.path.pop(0)
+
+    def row(page: str) -> str:
+        return next(part for part in page.split("<tr ") if 'data-shard-id="ravdess-0002"' in part)
+
+    progress, _ = broken_shard(run, [True])
+    page = cnn_progress_page.render_run(progress, base="/", now=2014.0)
+    assert 'data-state="retrying"' in row(page) and "retrying (try 2 of 3, next in 20s)" in row(page)
+    assert 'class="state state-failed"' not in page and 'http-equiv="refresh"' in page
+    progress, _ = broken_shard(run, [True, True, True])
+    assert 'data-state="failed"' in row(cnn_progress_page.render_run(progress, base="/", now=2200.0))
+    progress, _ = broken_shard(run, [True, True, True, False], max_tries=6)
+    page = cnn_progress_page.render_run(progress, base="/", now=2200.0)
+    assert 'data-state="success"' in row(page) and "tries: failed ×3: shard ravdess-0002" in row(page)
+    assert "succeeded on try 4" in row(page)
+    assert 'id="run-rate-note"' in page and "retry waits and time spent queued are not counted" in page

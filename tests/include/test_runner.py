@@ -13,6 +13,7 @@ import pytest
 from cnn_features.errors import ShardFailed
 from cnn_features.faults import CUDA_NOT_INITIALIZED, ENV_VAR
 from cnn_features.plan import DatasetIO, plan_dataset
+from cnn_features.progress import Tries
 from cnn_features.runner import choose_device, run_shard, shard_lock
 from tests.conftest import GOOD_EXTRA, add_bad_inputs, make_ravdess, read_only
 
@@ -125,13 +126,27 @@ def test_bad_inputs_are_listed_and_good_files_still_extracted(tmp_path: Path, re
     assert not marker.exists()
 
 
-def test_unwritable_output_fails_the_shard_naming_the_cause(tmp_path: Path, reference_model: dict[str, Any]) -> None:
-    """A read-only output folder fails the shard with the OS error and leaves nothing behind."""
+def test_unwritable_output_fails_the_shard_naming_the_cause(
+    tmp_path: Path, reference_model: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A read-only output folder fails the shard with the OS error, logged last as one plain line with its try, and leaves nothing behind."""
     make_ravdess(tmp_path / "in", actors=1, emotions=2)
-    with read_only(tmp_path / "out" / "Actor_01"), pytest.raises(ShardFailed, match="cannot write features") as info:
-        run_shard(shard_for(tmp_path, reference_model), requested_device="cpu", probe=NO_GPU)
+    with (
+        read_only(tmp_path / "out" / "Actor_01"),
+        pytest.raises(ShardFailed, match="cannot write features") as info,
+        caplog.at_level("INFO", logger="cnn_features.runner"),
+    ):
+        run_shard(shard_for(tmp_path, reference_model), requested_device="cpu", probe=NO_GPU,
+                  progress_dir=tmp_path / "p", tries=Tries(2, 3, 30.0))
     assert "Actor_01" in str(info.value)
     assert list((tmp_path / "out" / "Actor_01").iterdir()) == []
+    last = [r for r in caplog.records if r.name == "cnn_features.runner"][-1]
+    assert last.levelname == "ERROR" and "\n" not in last.getMessage()
+    assert last.getMessage().startswith("shard ravdess-0001 (ravdess) failed on CPU: ") and "Actor_01" in last.getMessage()
+    assert last.getMessage().endswith("(try 2 of 3)")
+    records = [json.loads(line) for line in (tmp_path / "p" / "ravdess-0001.jsonl").read_text().splitlines()]
+    assert records[-1]["state"] == "failed"
+    assert {(r["try_number"], r["max_tries"], r["retry_delay_s"]) for r in records} == {(2, 3, 30.0)}
 
 
 def test_progress_records_are_written(tmp_path: Path, reference_model: dict[str, Any]) -> None:

@@ -292,3 +292,20 @@ def test_cpu_slot_locks_refuse_planted_symlinks_and_open_folders(
     with cpu_slot(1, "s3"):
         pass
     assert victim.read_text() == "precious\n"
+
+
+def test_a_refused_write_names_the_folder_the_same_way_on_every_try(tmp_path: Path) -> None:
+    """Two tries refused in one actor folder give one reason, naming that folder, not the temporaries' random names."""
+    import errno
+
+    from cnn_features.worker import write_error
+
+    out = tmp_path / "out"
+    first = OSError(errno.EPERM, "Operation not permitted", str(out / "Actor_09" / ".03-01-01.npy.tmp-vm-29984-28b8c58e"))
+    again = OSError(errno.EPERM, "Operation not permitted", str(out / "Actor_09" / ".03-01-05.npy.tmp-vm-30198-f766e3fe"))
+    assert write_error(str(out), first) == write_error(str(out), again) == (
+        f"cannot write features under {out}: Operation not permitted (errno 1) in Actor_09/"
+    )
+    assert write_error(str(out), OSError(errno.ENOSPC, "No space left on device", str(out / ".x.tmp"))).endswith(
+        "No space left on device (errno 28) in its top folder"
+    )
