@@ -23,13 +23,14 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
@@ -45,6 +46,7 @@ from airflow_local import (  # noqa: E402
     free_port,
     wait_for,
 )
+from airflow_client.client.api.task_instance_api import TaskInstanceApi  # noqa: E402
 
 from cnn_features.plan import load_shards  # noqa: E402
 from cnn_features.progress import run_folder  # noqa: E402
@@ -52,10 +54,104 @@ from cnn_features.progress_report import RunProgress, load_run  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-__all__ = ["REPO", "AirflowApi", "Chromium", "LiveAirflow", "ServiceError", "free_port", "wait_for"]
+__all__ = ["REPO", "AirflowApi", "Chromium", "LiveAirflow", "ServiceError", "free_port", "mid_shard", "shard_of", "stored_features", "wait_for", "workers_of"]
 
 DAG_ID = "cnn_feature_extraction"
 TRAINING_DAG_ID = "emotion_training"
+# Seconds between looks while waiting to freeze shard workers: each look stops
+# them for a moment, and a shard slowed by a test fault moves on a batch in
+# about this time.
+FREEZE_POLL_S = 0.2
+# Seconds a stopped worker gets to have every thread stopped (one in a system
+# call stops when the call returns).
+STOP_SETTLE_S = 30.0
+
+T = TypeVar("T")
+
+
+def _environ(pid: int) -> dict[str, str]:
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return {}
+    return dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item)
+
+
+def workers_of(home: Path) -> list[int]:
+    """Return the pids of shard workers serving the live stack whose data lives in ``home``."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if "cnn_features.worker" in cmdline and _environ(int(entry.name)).get("CNN_FEATURES_HOME") == str(home):
+            pids.append(int(entry.name))
+    return pids
+
+
+def shard_of(worker: int) -> str | None:
+    """Return the id of the shard a worker process runs (from the spec file on its command line), or None if it is gone."""
+    try:
+        args = Path(f"/proc/{worker}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        spec = Path(args[args.index("--spec") + 1])
+        return str(json.loads(spec.read_text())["shard_id"])
+    except (OSError, ValueError, IndexError, KeyError):
+        return None
+
+
+def stored_features(output: Path) -> int:
+    """Return how many feature files lie in a local output (each is whole under its name, or absent)."""
+    return sum(1 for _ in output.rglob("*.npy"))
+
+
+def mid_shard(output: Path, *, at_least: int, total: int) -> Callable[[list[int]], int | None]:
+    """Return a ``workers_frozen_when`` condition: how many features lie in ``output`` once at least ``at_least`` do; None before.
+
+    The condition raises AssertionError when all ``total`` are there: the shard ended before it was caught mid-way.
+    """
+
+    def stored(_workers: list[int]) -> int | None:
+        count = stored_features(output)
+        if count >= total:
+            msg = f"{output}: all {total} features stored before the shard was caught mid-way"
+            raise AssertionError(msg)
+        return count if count >= at_least else None
+
+    return stored
+
+
+def _signal_all(pids: list[int], signum: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+
+
+def _all_threads_stopped(pid: int) -> bool:
+    """Return whether every thread of ``pid`` is stopped (or gone): a SIGSTOP has taken hold."""
+    try:
+        threads = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return True
+    for thread in threads:
+        try:
+            state = (thread / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue  # the thread ended
+        if state not in ("T", "t", "Z", "X"):
+            return False
+    return True
+
+
+def _stop(pids: list[int]) -> None:
+    """SIGSTOP ``pids`` and return once each has stopped, so nothing they do can land after this returns."""
+    _signal_all(pids, signal.SIGSTOP)
+    wait_for(lambda: all(_all_threads_stopped(pid) for pid in pids), timeout_s=STOP_SETTLE_S,
+             what=f"shard workers {pids} to stop", interval_s=0.01)
+
+
 @dataclass
 class LiveAirflow:
     """A running stack with its data: what end-to-end tests drive."""
@@ -115,6 +211,54 @@ class LiveAirflow:
             return None
 
         return wait_for(check, timeout_s=timeout_s, what=f"progress of {run_id}", interval_s=0.5)
+
+    def tries(self, run_id: str, task_id: str, map_index: int) -> list[dict[str, Any]]:
+        """Return every try of a mapped task instance, oldest first, as the task instance's try list in the UI shows them."""
+        got = self.api._typed(TaskInstanceApi, "get_mapped_task_instance_tries", DAG_ID, run_id, task_id, map_index)
+        return sorted(got["task_instances"], key=lambda t: t["try_number"])
+
+    @contextlib.contextmanager
+    def workers_frozen_when(self, run_id: str, condition: Callable[[list[int]], T | None], *, what: str,
+                            timeout_s: float = RUN_TIMEOUT_S) -> Iterator[T]:
+        """Stop (SIGSTOP) the run's shard workers at a moment ``condition`` holds; yield its value; resume them on exit.
+
+        Each look stops every shard worker of this stack first and asks
+        ``condition`` after, with their pids (e.g. it counts stored features,
+        or reads progress records of the shards those workers run), and resumes them
+        when it does not hold. So what the condition saw, a shard mid-way,
+        stays so for the whole block, however slowly a loaded machine runs it:
+        a kill in the block lands mid-shard for certain. Workers the block
+        killed are simply gone on exit.
+
+        Raises:
+            ServiceError: the run ended, or ``timeout_s`` passed, before the condition held.
+        """
+        frozen: list[int] = []
+
+        def look() -> T | None:
+            pids = workers_of(self.home)
+            if not pids:
+                state = self.api.run(DAG_ID, run_id)["state"]
+                if state in FINISHED:
+                    msg = f"run {run_id} ended {state} before {what}"
+                    raise ServiceError(msg)
+                return None
+            try:
+                _stop(pids)
+                value = condition(pids)
+            except BaseException:
+                _signal_all(pids, signal.SIGCONT)
+                raise
+            if value is None or value is False:
+                _signal_all(pids, signal.SIGCONT)
+                return None
+            frozen.extend(pids)
+            return value
+
+        try:
+            yield wait_for(look, timeout_s=timeout_s, what=what, interval_s=FREEZE_POLL_S)
+        finally:
+            _signal_all(frozen, signal.SIGCONT)
 
     @contextlib.contextmanager
     def scheduler_env(self, **extra: str) -> Iterator[None]:

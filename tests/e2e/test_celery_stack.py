@@ -26,11 +26,12 @@ import pytest
 
 from cnn_features.demo import generate
 from cnn_features.storage import check_feature_file
-from tests.e2e.live import DAG_ID, REPO, LiveAirflow, wait_for
-from tests.e2e.test_live_faults import workers_of
+from tests.e2e.live import DAG_ID, REPO, LiveAirflow, mid_shard, wait_for, workers_of
 
 from airflow_local import (  # scripts/ is on sys.path through tests.e2e.live
     ADMIN_USER,
+    FINISHED,
+    RUN_TIMEOUT_S,
     AirflowApi,
     AirflowStack,
     LocalPostgres,
@@ -49,8 +50,16 @@ pytestmark = pytest.mark.e2e
 
 FRAMES = 48
 # Each shard worker sleeps this long after each batch of 8 (CNN_FEATURES_TEST_FAULT=slow)
-# in the worker-kill test, so its shard stays in progress long enough to kill it mid-shard.
+# in the worker-kill test, so the test's looks (which freeze the worker) catch it mid-shard.
 SLOW_S = "0.3"
+# Features the killed try has stored, at least, when its Celery worker is killed:
+# two batches, so its retry has some to keep.
+KILL_AFTER_FILES = 16
+# The scheduler's log entry for a task it could not hand to the broker: the exception, then the task instance's key.
+SEND_FAILED = re.compile(
+    r"Error sending Celery workload: (?s:.*?)\nCelery Task ID: TaskInstanceKey\(dag_id='(?P<dag_id>[^']*)', "
+    r"task_id='(?P<task_id>[^']*)', run_id='(?P<run_id>[^']*)', try_number=(?P<try_number>\d+), map_index=(?P<map_index>-?\d+)\)"
+)
 # Seconds without a task heartbeat before the scheduler fails the try (default 300),
 # and how often it looks (default 10): a killed worker's shard is retried within a minute.
 HEARTBEAT_TIMEOUT_S = "20"
@@ -237,16 +246,18 @@ def test_celery_worker_killed_mid_shard_is_retried_on_the_other_worker(celery_li
     killed = ""
     try:
         conf = live.conf("celery_kill", datasets=("ravdess",), shard_size=1000)
+        out = Path(conf["datasets"]["ravdess"]["output"])
         run_id = live.trigger(conf)
-        live.wait_for_progress(run_id, lambda run: run.done >= 16)
-        (shard_worker,) = wait_for(lambda: workers_of(live.home) or None, timeout_s=60, what="the shard worker process")
-        killed = _celery_worker_running(live, shard_worker)
-        process = live.stack.processes[killed]
-        assert process.pid is not None
-        tree = descendants(process.pid) | {process.pid}
-        for pid in tree:  # the whole host goes: worker, its pool, the task supervisor and the shard worker
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        caught = mid_shard(out, at_least=KILL_AFTER_FILES, total=live.counts["ravdess"])
+        with live.workers_frozen_when(run_id, caught, what="the shard mid-way"):
+            (shard_worker,) = workers_of(live.home)
+            killed = _celery_worker_running(live, shard_worker)
+            process = live.stack.processes[killed]
+            assert process.pid is not None
+            tree = descendants(process.pid) | {process.pid}
+            for pid in tree:  # the whole host goes: worker, its pool, the task supervisor and the shard worker
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
         survivor = "gpu" if killed == "worker-cpu" else "cpu"
         run = live.api.wait_run(DAG_ID, run_id)
         assert run["state"] == "success"
@@ -262,34 +273,58 @@ def test_celery_worker_killed_mid_shard_is_retried_on_the_other_worker(celery_li
         live.stack.wait_healthy()
 
 
+def _failed_sends(scheduler_log: Path, offset: int, run_id: str) -> set[tuple[str, int, int]]:
+    """Return ``(task_id, map_index, try_number)`` of each task of ``run_id`` the scheduler logged it could not send,
+    reading its log from byte ``offset`` on."""
+    with open(scheduler_log, "rb") as fh:
+        fh.seek(offset)
+        text = fh.read().decode(errors="replace")
+    return {(m["task_id"], int(m["map_index"]), int(m["try_number"]))
+            for m in SEND_FAILED.finditer(text) if m["dag_id"] == DAG_ID and m["run_id"] == run_id}
+
+
 def test_broker_restart_mid_run_costs_one_try_per_unsent_task_and_the_run_completes(celery_live: LiveAirflow) -> None:
-    """Redis down mid-run: each shard the scheduler sends meanwhile fails to send and goes up for retry; Redis back, the retries run and the run succeeds."""
+    """Redis down mid-run until the scheduler fails to send a shard: the running shard goes on, each failed send costs its
+    shard one try that never ran and no other try is lost; Redis back, the retries run and the run succeeds."""
     live = celery_live
     redis = live.stack.redis
     assert redis is not None
+    scheduler_log = live.stack.processes["scheduler"].log_path
     conf = live.conf("celery_broker", datasets=("ravdess",), shard_size=50)
     run_id = live.trigger(conf)
-    before = live.wait_for_progress(run_id, lambda run: run.done >= 16)
-    assert before.done < before.total  # shards are left that must go through the broker
+    # 4 shards, sent one per GPU pool slot (one per GPU, one here): while one runs, those pending are not sent yet.
+    live.wait_for_progress(run_id, lambda run: any(s.state == "running" for s in run.shards)
+                           and sum(s.state == "pending" for s in run.shards) >= 2)
+    offset = scheduler_log.stat().st_size
     redis.stop()
     try:
-        wait_for(lambda: live.stack.workers() == {} or None, timeout_s=30, what="the broker to be gone")
+        wait_for(lambda: live.stack.workers() == {} or None, timeout_s=120, what="the broker to be gone")
+        states = {ti["map_index"]: ti["state"] for ti in live.api.mapped(DAG_ID, run_id, "extract_shard_gpu")}
+        assert any(state in (None, "scheduled") for state in states.values()), f"every shard was sent before Redis stopped: {states}"
 
-        def unsent() -> list[dict[str, Any]] | None:
-            tis = live.api.mapped(DAG_ID, run_id, "extract_shard_gpu")
-            return [ti for ti in tis if ti["state"] == "up_for_retry"] or None
+        def sent_in_vain() -> set[tuple[str, int, int]] | None:
+            if sends := _failed_sends(scheduler_log, offset, run_id):
+                return sends
+            if (state := live.api.run(DAG_ID, run_id)["state"]) in FINISHED:
+                msg = f"run {run_id} ended {state} while Redis was down, without a failed send"
+                raise AssertionError(msg)
+            return None
 
-        # The running shard finishes meanwhile; the next one the scheduler sends cannot reach the broker.
-        lost = wait_for(unsent, timeout_s=120, what="a shard sent while the broker is down")
+        # Redis stays down until a send has failed, however long the running shard takes to finish on a busy machine.
+        wait_for(sent_in_vain, timeout_s=RUN_TIMEOUT_S, what="the scheduler to fail sending a shard to the stopped Redis")
     finally:
         redis.start()
     run = live.api.wait_run(DAG_ID, run_id)
     assert run["state"] == "success"
-    retried = {ti["map_index"]: ti for ti in live.api.mapped(DAG_ID, run_id, "extract_shard_gpu")}
-    for ti in lost:
-        assert retried[ti["map_index"]]["try_number"] >= 2, ti
-    assert "Error sending Celery workload" in live.stack.processes["scheduler"].log_tail(2000)
-    wait_for(lambda: set(live.stack.workers()) == {f"cpu@{HOST}", f"gpu@{HOST}"} or None, timeout_s=120,
+    sends = _failed_sends(scheduler_log, offset, run_id)
+    assert sends and {task for task, _, _ in sends} == {"extract_shard_gpu"}, sends
+    for ti in live.api.mapped(DAG_ID, run_id, "extract_shard_gpu"):
+        failed = sorted(tried for _, index, tried in sends if index == ti["map_index"])
+        # Every try before the last went on a failed send, one each; the shard running meanwhile kept its first try.
+        assert ti["state"] == "success" and failed == list(range(1, ti["try_number"])), (ti, failed)
+        # No try ran and failed: a try lost to a failed send never started, and leaves no entry in the try history.
+        assert [t["try_number"] for t in live.tries(run_id, "extract_shard_gpu", ti["map_index"])] == [ti["try_number"]]
+    wait_for(lambda: set(live.stack.workers()) == {f"cpu@{HOST}", f"gpu@{HOST}"} or None, timeout_s=300,
              what="both workers back on the broker")
     _all_features_valid(live, conf)
 

@@ -10,36 +10,16 @@ from pathlib import Path
 import pytest
 
 from cnn_features.storage import check_feature_file
-from tests.e2e.live import DAG_ID, LiveAirflow, wait_for
+from tests.e2e.live import DAG_ID, LiveAirflow, mid_shard, wait_for, workers_of
 
 pytestmark = pytest.mark.e2e
 
 # Seconds each worker sleeps after a batch (CNN_FEATURES_TEST_FAULT=slow), so a
 # shard of 180 files in batches of 8 stays busy for several seconds.
 SLOW_S = "0.3"
-
-
-def _environ(pid: int) -> dict[str, str]:
-    try:
-        raw = Path(f"/proc/{pid}/environ").read_bytes()
-    except OSError:
-        return {}
-    return dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item)
-
-
-def workers_of(home: Path) -> list[int]:
-    """Return the pids of shard workers serving the live stack whose data lives in ``home``."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
-        except OSError:
-            continue
-        if "cnn_features.worker" in cmdline and _environ(int(entry.name)).get("CNN_FEATURES_HOME") == str(home):
-            pids.append(int(entry.name))
-    return pids
+# Features the killed try has stored, at least, when its task is killed: three
+# batches, so its retry has some to skip.
+KILL_AFTER_FILES = 24
 
 
 def test_task_killed_mid_shard_is_retried_and_resumes(live_airflow: LiveAirflow) -> None:
@@ -49,12 +29,13 @@ def test_task_killed_mid_shard_is_retried_and_resumes(live_airflow: LiveAirflow)
     out = Path(conf["datasets"]["ravdess"]["output"])
     with live.scheduler_env(CNN_FEATURES_TEST_FAULT=f"slow={SLOW_S}"), live.dag_paused("emotion_training"):
         run_id = live.trigger(conf)
-        live.wait_for_progress(run_id, lambda run: run.done >= 24)
-        (worker,) = wait_for(lambda: workers_of(live.home) or None, timeout_s=60, what="the shard worker process")
-        task = int(Path(f"/proc/{worker}/stat").read_text().rsplit(")", 1)[1].split()[1])  # the worker's parent
-        assert "cnn_features.worker" not in Path(f"/proc/{task}/cmdline").read_bytes().decode(errors="replace")
-        os.kill(task, signal.SIGKILL)
-        wait_for(lambda: worker not in workers_of(live.home) or None, timeout_s=30, what="the orphaned worker to die")
+        caught = mid_shard(out, at_least=KILL_AFTER_FILES, total=live.counts["ravdess"])
+        with live.workers_frozen_when(run_id, caught, what="the shard mid-way"):
+            (worker,) = workers_of(live.home)
+            task = int(Path(f"/proc/{worker}/stat").read_text().rsplit(")", 1)[1].split()[1])  # the worker's parent
+            assert "cnn_features.worker" not in Path(f"/proc/{task}/cmdline").read_bytes().decode(errors="replace")
+            os.kill(task, signal.SIGKILL)
+            wait_for(lambda: worker not in workers_of(live.home) or None, timeout_s=30, what="the orphaned worker to die")
         for path in out.rglob("*.npy"):
             assert check_feature_file(path, feature_dim=256) is None, f"partial feature after the kill: {path}"
         done_before = {p.name for p in out.rglob("*.npy")}

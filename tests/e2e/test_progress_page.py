@@ -13,18 +13,17 @@ from urllib.parse import quote
 import httpx
 import pytest
 
-from tests.e2e.live import DAG_ID, REPO, TRAINING_DAG_ID, Chromium, LiveAirflow
+from cnn_features.progress_report import RunProgress
+from tests.e2e.live import DAG_ID, REPO, TRAINING_DAG_ID, Chromium, LiveAirflow, shard_of
 
 pytestmark = pytest.mark.e2e
 
 # Files per shard: 180 RAVDESS clips make 3 shards.
 SHARD_SIZE = 60
 # Seconds each worker sleeps per batch of 8 (test fault): a 60-file shard then
-# takes about 8 s beyond its start-up, long enough to load a page mid-shard.
+# takes about 8 s beyond its start-up, so the test's looks (which freeze the
+# workers) find one shard done and another mid-way.
 SLOW_S = "1.0"
-# Page loads tried until one lands while a shard is mid-way (between two
-# shards there are seconds with none running: the next one is starting up).
-PAGE_ATTEMPTS = 5
 # Collects what the page shows: each shard row's data attributes and visible cells.
 READ_PAGE = """(() => {
   const rows = [...document.querySelectorAll('tr.shard')].map(r => ({
@@ -131,19 +130,22 @@ def test_progress_page_shows_a_run_in_progress(live_airflow: LiveAirflow, chromi
     output = Path(conf["datasets"]["ravdess"]["output"])
     with live.dag_paused(TRAINING_DAG_ID), live.scheduler_env(CNN_FEATURES_TEST_FAULT=f"slow={SLOW_S}"):
         run_id = live.trigger(conf)
-        for _ in range(PAGE_ATTEMPTS):
-            before = live.wait_for_progress(
-                run_id,
-                lambda r: any(s.state == "success" for s in r.shards) and any(s.state == "running" and s.done > 0 for s in r.shards),
-            )
+
+        def mid_run(workers: list[int]) -> RunProgress | None:
+            """Return the progress once a shard is done and another, whose worker is frozen, is mid-way."""
+            run = live.progress(run_id)
+            if run is None or not any(s.state == "success" for s in run.shards):
+                return None
+            frozen = {shard_of(pid) for pid in workers}
+            return run if any(s.state == "running" and s.done > 0 and s.shard_id in frozen for s in run.shards) else None
+
+        # The shard workers stay stopped while the page loads: the shard seen mid-way is still mid-way on the page.
+        with live.workers_frozen_when(run_id, mid_run, what="a shard done and another mid-way") as before:
             shown = open_page(chromium, live, run_id)
             after = live.progress(run_id)
-            states = {r["state"] for r in shown["rows"] if r["state"] != "running" or int(r["done"]) > 0}
-            if {"success", "running"} <= states:
-                break  # else a shard ended while the page loaded, before the next one wrote a record: look again
+            chromium.screenshot(artifacts / "progress-page-running.png")
         files = live.shard_files(run_id)
         disk = {sid: on_disk(output, fs) for sid, fs in files.items()}
-        chromium.screenshot(artifacts / "progress-page-running.png")
         terminal = subprocess.run([sys.executable, "-m", "cnn_features", "progress", run_id],
                                   env={**live.stack.env}, capture_output=True, text=True, check=False, timeout=60)
 
