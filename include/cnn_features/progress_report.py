@@ -135,7 +135,7 @@ class RunProgress:
     skipped: int = 0
     bad: int = 0
     ignored: int = 0
-    verification: str = "pending"  # "passed", "failed", or "pending" (not verified yet)
+    verification: str = "pending"  # "passed", "failed", "pending" (not verified yet) or "not run" (the run failed first)
     error: str | None = None  # why the run failed, when the plan or verification says
     dag_state: str | None = None  # the Airflow DAG run's state, where Airflow was asked
     probe: dict[str, Any] | None = None  # probe_gpu's report (progress.PROBE_FIELDS), once it has run
@@ -448,6 +448,8 @@ def load_run(folder: Path, *, dag_state: str | None = None) -> RunProgress:
         error = f"verification failed with {_int(verified or {}, 'problem_count')} problem(s)"
         error += f", e.g. {problems[0]}" if problems else ""
     state = run_state(combined_state([s.state for s in shards]), verification, dag_state=dag_state, error=error)
+    if verification == "pending" and state == "failed":
+        verification = "not run"  # the run failed before verify_features could say
     busy = busy_seconds(shards)
     worked = sum(a.extracted for s in shards for a in s.history)
     rate = worked / busy if busy > 0 else 0.0

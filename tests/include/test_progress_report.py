@@ -404,6 +404,7 @@ def test_a_run_airflow_marked_failed_has_no_retrying_shard(run: dict[str, Any]) 
     """When Airflow says the DAG run failed, a shard that still had tries left reads failed: no try is coming."""
     progress, shard = broken_shard(run, [True], dag_state="failed")
     assert (shard.state, progress.state) == ("failed", "failed")
+    assert progress.verification == "not run"  # the run failed before verify_features could say
 
 
 def test_a_repaired_shard_keeps_the_history_of_its_failed_tries(run: dict[str, Any]) -> None:
