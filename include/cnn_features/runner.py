@@ -49,10 +49,12 @@ log = logging.getLogger(__name__)
 LOG_REASON_CHARS = 600
 
 # Worker statuses that a CPU re-run can fix: the GPU would not start, a GPU
-# pass raised (CUDA error, out of GPU memory), or the process died (CUDA
-# fault, OOM kill, driver crash) without reporting. Read, write, store, model
-# and internal errors would fail the same way on CPU: they are not re-run.
-_GPU_FAULTS = frozenset({"gpu_init_failed", "gpu_failed", "died"})
+# pass raised (CUDA error, out of GPU memory), the process died (CUDA fault,
+# OOM kill, driver crash) without reporting, or no GPU slot could be held
+# safely (a planted or open slot folder: no GPU worker starts unguarded).
+# Read, write, store, model and internal errors would fail the same way on
+# CPU: they are not re-run.
+_GPU_FAULTS = frozenset({"gpu_init_failed", "gpu_failed", "died", "no_gpu_slot"})
 # Lines of worker output kept to explain a death.
 _TAIL_LINES = 20
 # TensorFlow's start-up chatter that no log level setting silences: absl INFO
