@@ -49,6 +49,16 @@ DEFAULT_S3_MAX_ATTEMPTS = 4
 DEFAULT_S3_CONNECT_TIMEOUT_S = 3.0
 DEFAULT_S3_READ_TIMEOUT_S = 30.0
 S3_RETRY_MODES = ("standard", "adaptive")
+# Seconds a shard's lease on an S3 output (``lease``) lasts unless renewed; it
+# is renewed every third of that (~7 s, one small PUT). With the skew below, a
+# killed holder's lease frees its shard within 26 s, inside the extraction
+# DAG's 30 s retry delay, so Airflow's next try gets the shard; a holder that
+# cannot renew for a whole TTL gives the lease up and its shard fails.
+DEFAULT_S3_LEASE_TTL_S = 20.0
+# Seconds added before another process may take over a lease that was not
+# renewed: room for a late renewal still in flight, and for clocks disagreeing
+# where a server sends no Date header and a lease is judged by a host's clock.
+DEFAULT_S3_LEASE_SKEW_S = 5.0
 # MiB of activations one forward pass may take; 0 derives it per worker from
 # the memory it may still use or the GPU's memory (``memory.pass_budget``).
 DEFAULT_PASS_MEMORY_MB = 0
@@ -159,6 +169,8 @@ class Settings:
     s3_max_attempts: int = DEFAULT_S3_MAX_ATTEMPTS
     s3_connect_timeout_s: float = DEFAULT_S3_CONNECT_TIMEOUT_S
     s3_read_timeout_s: float = DEFAULT_S3_READ_TIMEOUT_S
+    s3_lease_ttl_s: float = DEFAULT_S3_LEASE_TTL_S
+    s3_lease_skew_s: float = DEFAULT_S3_LEASE_SKEW_S
     keras_backend: str = DEFAULT_KERAS_BACKEND
     gpu_precision: str = DEFAULT_GPU_PRECISION
     crosscheck_rtol: float = DEFAULT_CROSSCHECK_RTOL
@@ -240,6 +252,8 @@ def load_settings() -> Settings:
             "CNN_FEATURES_S3_CONNECT_TIMEOUT_S", DEFAULT_S3_CONNECT_TIMEOUT_S, minimum=0.1
         ),
         s3_read_timeout_s=_env_float("CNN_FEATURES_S3_READ_TIMEOUT_S", DEFAULT_S3_READ_TIMEOUT_S, minimum=0.1),
+        s3_lease_ttl_s=_env_float("CNN_FEATURES_S3_LEASE_TTL_S", DEFAULT_S3_LEASE_TTL_S, minimum=1.0),
+        s3_lease_skew_s=_env_float("CNN_FEATURES_S3_LEASE_SKEW_S", DEFAULT_S3_LEASE_SKEW_S, minimum=0.0),
         keras_backend=_env_choice(
             "CNN_FEATURES_KERAS_BACKEND", _env_choice("KERAS_BACKEND", DEFAULT_KERAS_BACKEND, KERAS_BACKENDS), KERAS_BACKENDS
         ),

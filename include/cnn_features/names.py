@@ -20,13 +20,15 @@ PLANS_DIR = "_plans"
 MODELS_DIR = "_models"
 # Feature files verification moved out of the feature space (``verify``).
 ORPHANS_DIR = "_orphans"
+# Each running shard's lease on an S3 output, guarding its files across hosts (``lease``).
+LEASES_DIR = "_leases"
 # Which model writes this output's features (``plan.claim_output``).
 FEATURES_META = "_features.json"
 # A passing dataset's list of verified features, and every verification's report (``verify``).
 MANIFEST_NAME = "manifest.json"
 REPORT_NAME = "verification_report.json"
 # Top-level folders that hold no features.
-OWN_DIRS = frozenset({SHARDS_DIR, PLANS_DIR, MODELS_DIR, ORPHANS_DIR})
+OWN_DIRS = frozenset({SHARDS_DIR, PLANS_DIR, MODELS_DIR, ORPHANS_DIR, LEASES_DIR})
 
 
 def is_own(rel: str) -> bool:

@@ -26,6 +26,7 @@ from typing import IO, Any
 from cnn_features.backends import backend_env, visible_gpus
 from cnn_features.config import load_settings
 from cnn_features.errors import ShardFailed, StoreError
+from cnn_features.lease import ShardLease, shard_lease
 from cnn_features.names import SHARDS_DIR as SHARD_RESULTS_DIR
 from cnn_features.procs import (
     PROGRESS_PREFIX,
@@ -37,7 +38,7 @@ from cnn_features.procs import (
 )
 from cnn_features.progress import ProgressLog, Tries
 from cnn_features.progress_report import one_line
-from cnn_features.s3 import S3Access, is_s3
+from cnn_features.s3 import S3Access, S3Store, is_s3
 from cnn_features.slots import SlotUnavailable, hold_slot
 from cnn_features.storage import write_json_atomic
 from cnn_features.stores import open_store
@@ -228,7 +229,7 @@ def run_shard(
     shard_id = spec["shard_id"]
     locked = False
     try:
-        with shard_lock(spec["output"], shard_id, spec["files"]):
+        with shard_lock(spec["output"], shard_id, spec["files"], access=access):
             locked = True
             return _run_locked(
                 spec,
@@ -246,20 +247,26 @@ def run_shard(
 
 
 def _lock_folder(output: str) -> Path:
-    """Return the folder of an output's shard locks: in the folder itself, or under the home for S3.
-
-    An S3 prefix has no locks, so its shards lock a local folder named after
-    its URI; that guards one host (or hosts sharing the home).
-    """
-    if is_s3(output):
-        digest = hashlib.sha256(output.encode("utf-8")).hexdigest()[:16]
-        return load_settings().home / "locks" / f"s3-{digest}"
+    """Return the folder of a local output's shard locks: its results folder (S3 outputs hold leases instead)."""
     return Path(output) / SHARD_RESULTS_DIR
 
 
+def _s3_lease(output: str, shard_id: str, files: list[str], *, access: S3Access | None) -> contextlib.AbstractContextManager[ShardLease]:
+    """Return the lease guard of one shard of the S3 output ``output``, with the configured TTL and skew allowance."""
+    settings = load_settings()
+    store = open_store(output, settings, access=access)
+    assert isinstance(store, S3Store)  # open_store gives an S3Store for every s3:// URI
+    return shard_lease(store, shard_id, files, ttl_s=settings.s3_lease_ttl_s, skew_s=settings.s3_lease_skew_s)
+
+
 @contextlib.contextmanager
-def shard_lock(output: str | Path, shard_id: str, files: list[str]) -> Iterator[None]:
+def shard_lock(output: str | Path, shard_id: str, files: list[str], *, access: S3Access | None = None) -> Iterator[None]:
     """Hold a claim on ``files`` of one output folder while the block runs, or fail at once.
+
+    An S3 output is guarded by a lease object in the output itself
+    (``lease.shard_lease``: conditional PUTs, renewed while the block runs),
+    which holds across hosts that share only the bucket; ``access`` reaches
+    it. The rest of this describes a local output.
 
     The claim is keyed to the files, not the shard id: a shard of another
     run (another ``shard_size``, another corpus listing) whose files overlap
@@ -274,8 +281,13 @@ def shard_lock(output: str | Path, shard_id: str, files: list[str]) -> Iterator[
     sharing the folder: local ones and NFSv4; not SMB or most FUSE mounts.
 
     Raises:
-        ShardFailed: a live holder claims some of the files, or the lock folder cannot be written.
+        ShardFailed: a live holder claims some of the files, or the lock folder cannot be written;
+            on S3 also a lease lost while the block ran.
     """
+    if is_s3(str(output)):
+        with _s3_lease(str(output), shard_id, files, access=access):
+            yield
+        return
     folder = _lock_folder(str(output))
     wanted = sorted(set(files))
     digest = hashlib.sha256("\n".join(wanted).encode("utf-8", "surrogateescape")).hexdigest()[:16]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import contextlib
+import email.utils
 import logging
 import os
 import re
@@ -222,6 +223,34 @@ def _describe(client: Any, operation: str, location: str, exc: Exception) -> str
     return f"S3 {operation} {location} at {endpoint} failed: {type(exc).__name__}: {exc}"
 
 
+class ConditionFailed(StoreError):
+    """A conditional write or delete was refused: the key exists, or its ETag is no longer the one given."""
+
+
+@dataclass(frozen=True)
+class Tagged:
+    """An object's bytes with its ETag, and its age by the S3 server's own clock where the response says."""
+
+    data: bytes
+    etag: str
+    # Seconds between the object's LastModified and the response's Date header,
+    # both stamped by the server; None where the server sent no Date.
+    age_s: float | None
+
+
+def _server_age(response: Mapping[str, Any]) -> float | None:
+    """Return the response's ``Date`` minus the object's ``LastModified`` in seconds, or None where either is absent."""
+    date = response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+    modified = response.get("LastModified")
+    if not date or modified is None:
+        return None
+    try:
+        now = email.utils.parsedate_to_datetime(date)
+    except (TypeError, ValueError):
+        return None
+    return (now - modified).total_seconds()
+
+
 def _error_code(exc: Exception) -> str | None:
     response = getattr(exc, "response", None)
     return str(response.get("Error", {}).get("Code")) if isinstance(response, dict) else None
@@ -384,6 +413,63 @@ class S3Store:
             return True
 
         return bool(self._call("PutObject", rel, put))
+
+    def _conditional(self, operation: str, rel: str, fn: Callable[[], Any]) -> Any:
+        """Run one conditional request; a refused condition (412, or 409 for a concurrent one) raises ConditionFailed."""
+        from botocore.exceptions import ClientError
+
+        def guarded() -> Any:
+            try:
+                return fn()
+            except ClientError as exc:
+                if _error_code(exc) in _EXISTS_CODES:
+                    raise ConditionFailed(_describe(self.client, operation, self.name(rel), exc)) from None
+                raise
+
+        return self._call(operation, rel, guarded)
+
+    def create_tagged(self, rel: str, data: bytes) -> str:
+        """PUT ``rel`` only if no object has its key (``If-None-Match: *``); return the new object's ETag.
+
+        Raises:
+            ConditionFailed: the key exists, or another create of it is in flight.
+        """
+        key = self.location.key(rel)
+        put = lambda: self.client.put_object(Bucket=self.location.bucket, Key=key, Body=data, IfNoneMatch="*")  # noqa: E731
+        return str(self._conditional("PutObject (If-None-Match)", rel, put)["ETag"])
+
+    def replace_if_match(self, rel: str, data: bytes, etag: str) -> str:
+        """PUT ``rel`` only if its current ETag is ``etag`` (``If-Match``); return the new ETag.
+
+        Raises:
+            ConditionFailed: the object was replaced or deleted since ``etag`` was read.
+        """
+        key = self.location.key(rel)
+        put = lambda: self.client.put_object(Bucket=self.location.bucket, Key=key, Body=data, IfMatch=etag)  # noqa: E731
+        return str(self._conditional("PutObject (If-Match)", rel, put)["ETag"])
+
+    def read_tagged(self, rel: str) -> Tagged:
+        """Return the object ``rel`` with its ETag and its age by the server's clock.
+
+        Raises:
+            StoreMissing: no such object.
+        """
+        key = self.location.key(rel)
+        response = self._call("GetObject", rel, lambda: self.client.get_object(Bucket=self.location.bucket, Key=key))
+        with contextlib.closing(response["Body"]) as body:
+            data: bytes = self._call("GetObject (body)", rel, body.read)
+        return Tagged(data, str(response["ETag"]), _server_age(response))
+
+    def delete_if_match(self, rel: str, etag: str) -> None:
+        """Delete ``rel`` only if its current ETag is ``etag`` (``If-Match`` on DeleteObject).
+
+        Raises:
+            ConditionFailed: the object was replaced since ``etag`` was read.
+            StoreError: also where the server does not take a condition on deletes.
+        """
+        key = self.location.key(rel)
+        delete = lambda: self.client.delete_object(Bucket=self.location.bucket, Key=key, IfMatch=etag)  # noqa: E731
+        self._conditional("DeleteObject (If-Match)", rel, delete)
 
     def writer(self) -> S3Writer:
         """Return a writer that keeps up to ``concurrency`` PUTs in flight."""
