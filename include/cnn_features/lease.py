@@ -55,8 +55,9 @@ CLOCK_RESOLUTION_S = 1.0
 # vanishes before it can be read (its holder released it in between).
 _ACQUIRE_TRIES = 3
 # Tokens of leases this process gave up but could not delete (S3 unreachable at
-# release): no live holder stands behind them, so this process's own next try
-# of the shard takes them over at once instead of waiting out their TTL.
+# release): no live holder stands behind them, so a later try of the shard in
+# this same process (a caller that retries in-process) takes them over at once.
+# Airflow starts each try in a new process, which waits out the TTL instead.
 _ABANDONED: set[str] = set()
 _ABANDONED_LOCK = threading.Lock()
 
@@ -73,6 +74,8 @@ class ShardLease:
     ttl_s: float
     # Why the lease is no longer ours, once a renewal finds out; None while it is held.
     lost: str | None = None
+    # Monotonic time this process last wrote the lease (taken or renewed).
+    renewed_at: float = field(default_factory=time.monotonic)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
@@ -86,21 +89,33 @@ class ShardLease:
         self._thread.start()
 
     def _renew_loop(self) -> None:
-        last_ok = time.monotonic()
         while not self._stop.wait(self.ttl_s / 3):
             record = {**self.record, "renewals": self.record["renewals"] + 1, "expires_at": _expires_at(self.ttl_s)}
             try:
                 self.etag = self.store.replace_if_match(self.rel, _encode(record), self.etag)
             except ConditionFailed:
-                self._lose(f"lease {self.uri} was taken over by {_holder_of(self.store, self.rel)}")
-                return
+                mine = _own_copy(self.store, self.rel, self.record["token"])
+                if mine is None:
+                    self._lose(f"lease {self.uri} was taken over by {_holder_of(self.store, self.rel)}")
+                    return
+                # Our own renewal was stored but its reply was lost (a retry then met our new ETag).
+                self.etag, record = mine.etag, _decode(mine.data)
             except StoreError as exc:
-                if time.monotonic() - last_ok > self.ttl_s:
+                if self.unrenewed_s() > self.ttl_s:
                     self._lose(f"lease {self.uri} could not be renewed for {self.ttl_s:g} s, so another process may hold it ({exc})")
                     return
                 log.warning("shard %s: renewing lease %s failed, retrying: %s", self.shard_id, self.uri, exc)
                 continue
-            self.record, last_ok = record, time.monotonic()
+            self.record, self.renewed_at = record, time.monotonic()
+
+    def unrenewed_s(self) -> float:
+        """Return the seconds since the lease was last written by this process."""
+        return time.monotonic() - self.renewed_at
+
+    def check_held(self) -> None:
+        """Mark the lease lost when it went unrenewed for a whole TTL (a renewal that hung), however the thread stands."""
+        if self.lost is None and self.unrenewed_s() > self.ttl_s:
+            self._lose(f"lease {self.uri} went unrenewed for {self.unrenewed_s():.0f} s, over its {self.ttl_s:g} s TTL")
 
     def _lose(self, why: str) -> None:
         self.lost = f"shard {self.shard_id}: {why}; another process may be extracting it, so this run's result does not count"
@@ -111,6 +126,7 @@ class ShardLease:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+        self.check_held()
         if self.lost is not None:
             return
         try:
@@ -216,6 +232,8 @@ def _take(store: S3Store, rel: str, record: dict[str, Any], *, ttl_s: float, ske
         except StoreMissing:
             continue  # released between our create and our read: create again
         theirs = _decode(current.data)
+        if theirs.get("token") == record["token"]:
+            return current.etag  # our create was stored, its reply lost and the retry refused
         with _ABANDONED_LOCK:
             abandoned = theirs.get("token") in _ABANDONED
         left = 0.0 if abandoned else _time_left(current, theirs, ttl_s=ttl_s, skew_s=skew_s)
@@ -229,6 +247,8 @@ def _take(store: S3Store, rel: str, record: dict[str, Any], *, ttl_s: float, ske
         try:
             etag = store.replace_if_match(rel, _encode(record), current.etag)
         except ConditionFailed:
+            if (mine := _own_copy(store, rel, record["token"])) is not None:
+                return mine.etag  # our takeover was stored, its reply lost
             msg = (
                 f"shard {shard_id}: the expired lease {store.name(rel)} of {_describe(theirs)} was taken over by "
                 f"{_holder_of(store, rel)} first; not running it twice at once"
@@ -256,9 +276,13 @@ def _refuse_overlap(lease: ShardLease, mine: set[str], *, ttl_s: float, skew_s: 
             continue
         theirs = _decode(other.data)
         if _time_left(other, theirs, ttl_s=ttl_s, skew_s=skew_s) <= 0:
+            # A dead holder's lease (a crashed try of another shard size): nobody renews it, so it goes.
+            with contextlib.suppress(StoreError):
+                lease.store.delete_if_match(rel, other.etag)
             continue
         listed = theirs.get("files")
-        common = len(mine.intersection(listed)) if isinstance(listed, list) else len(mine)  # unreadable: assume the worst
+        claimed = {f for f in listed if isinstance(f, str)} if isinstance(listed, list) else mine  # unreadable: assume the worst
+        common = len(mine & claimed)
         if common:
             msg = (
                 f"shard {lease.shard_id}: {common} of its files in {lease.store.uri} are being extracted by "
@@ -281,6 +305,15 @@ def _time_left(current: Tagged, record: dict[str, Any], *, ttl_s: float, skew_s:
     except (KeyError, ValueError):
         return ttl + skew_s  # neither clock says: treat it as just renewed
     return expires + skew_s - time.time()
+
+
+def _own_copy(store: S3Store, rel: str, token: str) -> Tagged | None:
+    """Return the lease ``rel`` if it still holds ``token`` (a write of ours whose reply was lost); None otherwise or unreadable."""
+    try:
+        current = store.read_tagged(rel)
+    except StoreError:
+        return None
+    return current if _decode(current.data).get("token") == token else None
 
 
 def _holder_of(store: S3Store, rel: str) -> str:

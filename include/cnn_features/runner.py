@@ -8,6 +8,7 @@ new ``python -m cnn_features.worker`` process; a CPU attempt has CUDA hidden.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -178,8 +179,8 @@ def _run_attempt(
         try:
             gpu = held.enter_context(gpu_slot(gpus, shard_id))
         except SlotUnavailable as exc:
-            # A planted or open slot folder is the host's problem, not a GPU fault, and running
-            # unlocked could put two shards on one GPU: the shard fails, naming it. No worker ran.
+            # A planted or open slot folder is the host's problem, and running unguarded could
+            # put two shards on one GPU: no GPU worker starts, and the shard re-runs on CPU.
             log.error("shard %s: no GPU slot: %s", shard_id, exc)
             return Attempt(device, "no_gpu_slot", {}, f"no GPU slot: {exc}", 0, 0.0)
         log.info("shard %s: pinned to GPU %s (CUDA_VISIBLE_DEVICES=%s) of %d", shard_id, gpu, gpu, len(gpus))
@@ -229,7 +230,7 @@ def run_shard(
     shard_id = spec["shard_id"]
     locked = False
     try:
-        with shard_lock(spec["output"], shard_id, spec["files"], access=access):
+        with shard_lock(spec["output"], shard_id, spec["files"], access=access) as lease:
             locked = True
             return _run_locked(
                 spec,
@@ -239,6 +240,7 @@ def run_shard(
                 progress_dir=progress_dir,
                 access=access or S3Access(),
                 tries=tries,
+                lease=lease,
             )
     except ShardFailed as exc:
         if not locked:  # the lock refused the shard; _run_locked logs its own failures
@@ -254,13 +256,24 @@ def _lock_folder(output: str) -> Path:
 def _s3_lease(output: str, shard_id: str, files: list[str], *, access: S3Access | None) -> contextlib.AbstractContextManager[ShardLease]:
     """Return the lease guard of one shard of the S3 output ``output``, with the configured TTL and skew allowance."""
     settings = load_settings()
-    store = open_store(output, settings, access=access)
+    ttl = settings.s3_lease_ttl_s
+    # A lease request must answer within a third of the TTL, in one attempt: a
+    # renewal stuck in botocore's retries could outlive the lease it renews.
+    quick = dataclasses.replace(
+        settings,
+        s3_max_attempts=1,
+        s3_connect_timeout_s=min(settings.s3_connect_timeout_s, ttl / 3),
+        s3_read_timeout_s=min(settings.s3_read_timeout_s, ttl / 3),
+    )
+    store = open_store(output, quick, access=access)
     assert isinstance(store, S3Store)  # open_store gives an S3Store for every s3:// URI
-    return shard_lease(store, shard_id, files, ttl_s=settings.s3_lease_ttl_s, skew_s=settings.s3_lease_skew_s)
+    return shard_lease(store, shard_id, files, ttl_s=ttl, skew_s=settings.s3_lease_skew_s)
 
 
 @contextlib.contextmanager
-def shard_lock(output: str | Path, shard_id: str, files: list[str], *, access: S3Access | None = None) -> Iterator[None]:
+def shard_lock(
+    output: str | Path, shard_id: str, files: list[str], *, access: S3Access | None = None
+) -> Iterator[ShardLease | None]:
     """Hold a claim on ``files`` of one output folder while the block runs, or fail at once.
 
     An S3 output is guarded by a lease object in the output itself
@@ -285,8 +298,8 @@ def shard_lock(output: str | Path, shard_id: str, files: list[str], *, access: S
             on S3 also a lease lost while the block ran.
     """
     if is_s3(str(output)):
-        with _s3_lease(str(output), shard_id, files, access=access):
-            yield
+        with _s3_lease(str(output), shard_id, files, access=access) as lease:
+            yield lease
         return
     folder = _lock_folder(str(output))
     wanted = sorted(set(files))
@@ -393,6 +406,7 @@ def _run_locked(
     progress_dir: Path | None,
     access: S3Access,
     tries: Tries | None,
+    lease: ShardLease | None = None,
 ) -> dict[str, Any]:
     device, reason = choose_device(requested_device, probe)
     log.info("shard %s: %d files, device %s: %s", shard_id, len(spec["files"]), device.upper(), reason)
@@ -449,6 +463,10 @@ def _run_locked(
             for a in attempts
         ],
     }
+    if lease is not None:
+        lease.check_held()
+        if lease.lost is not None:  # another process holds the shard now: its record, not ours
+            raise fail(lease.lost, final.device)
     # Written last: the record of what the shard finished follows every feature it names.
     output = open_store(spec["output"], load_settings(), access=access)
     try:

@@ -248,6 +248,8 @@ def _server_age(response: Mapping[str, Any]) -> float | None:
         now = email.utils.parsedate_to_datetime(date)
     except (TypeError, ValueError):
         return None
+    if now.tzinfo is None or getattr(modified, "tzinfo", None) is None:
+        return None  # a date without a zone cannot be compared: the record's own expiry decides
     return (now - modified).total_seconds()
 
 

@@ -18,7 +18,7 @@ from cnn_features.lease import ShardLease, acquire, lease_rel, shard_lease
 from cnn_features.names import LEASES_DIR, is_own
 from cnn_features.plan import DatasetIO, plan_dataset
 from cnn_features.runner import run_shard
-from cnn_features.s3 import S3Access, S3Location, S3Store
+from cnn_features.s3 import ConditionFailed, S3Access, S3Location, S3Store
 from cnn_features.stores import open_store
 from tests.conftest import make_ravdess
 
@@ -203,3 +203,56 @@ def test_two_run_shards_of_one_s3_shard_racing_extract_it_once(
     assert out.modified(LEASES_DIR) == []
     again = run_shard(spec, requested_device="cpu", probe=NO_GPU, access=access)
     assert again["skipped_existing"] == len(rels)
+
+
+def lose_first_reply(store: S3Store, method: str) -> None:
+    """Make the store's first ``method`` call write, then report 412, as a retry after a lost reply does."""
+    real = getattr(store, method)
+    calls: list[int] = []
+
+    def lossy(*args: Any) -> str:
+        etag = real(*args)
+        if not calls:
+            calls.append(1)
+            raise ConditionFailed(f"412 for a write that was stored ({etag})")
+        return etag
+
+    setattr(store, method, lossy)
+
+
+def test_a_lost_reply_to_our_own_write_is_not_taken_for_another_holder(s3_server: Any, s3_bucket: str) -> None:
+    """A create and a renewal that were stored but answered 412 (their reply lost, the retry refused) keep the lease ours."""
+    store = host(s3_server, s3_bucket)
+    lose_first_reply(store, "create_tagged")
+    lose_first_reply(store, "replace_if_match")
+    with shard_lease(store, SHARD, FILES, ttl_s=TINY_TTL_S, skew_s=0.0) as lease:
+        wait_for("two renewals", lambda: lease.record["renewals"] >= 2)
+        assert lease.lost is None
+    assert not [rel for rel, _ in store.modified(LEASES_DIR)], "the lease is released, not left blocking the shard"
+
+
+def test_a_holder_that_lost_its_lease_writes_no_result(
+    s3_server: Any, s3_bucket: str, tmp_path: Path, reference_model: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shard whose lease went unrenewed past its TTL fails before writing its result: the new holder's record stands."""
+    import cnn_features.lease as lease_module
+
+    make_ravdess(tmp_path / "in", actors=1, emotions=2)
+    store = host(s3_server, s3_bucket)
+    (shard,) = plan_dataset(DatasetIO("ravdess", tmp_path / "in", store.location), shard_size=100)
+    monkeypatch.setenv("CNN_FEATURES_S3_LEASE_TTL_S", "1")
+    monkeypatch.setattr(lease_module.ShardLease, "start", lambda self: None)  # no renewals: the lease lapses mid-shard
+    with pytest.raises(ShardFailed, match="went unrenewed"):
+        run_shard({**shard, "model": reference_model, "batch_size": 4}, requested_device="cpu", probe=NO_GPU,
+                  access=access_of(s3_server))
+    assert not [rel for rel, _ in store.modified("_shards") if rel.endswith(f"{shard['shard_id']}.json")]
+
+
+def test_an_expired_lease_of_another_shard_is_removed_when_seen(s3_server: Any, s3_bucket: str) -> None:
+    """A dead holder's lease under another shard id (another shard size) is deleted by the next acquirer that reads it."""
+    store = host(s3_server, s3_bucket)
+    other = f"{LEASES_DIR}/ravdess-0099-0123456789abcdef.json"
+    store.write(other, json.dumps({"token": "dead", "pid": 1, "host": "gone", "shard_id": "ravdess-0099",
+                                   "files": FILES, "ttl_s": -60.0, "expires_at": "2000-01-01T00:00:00+00:00"}).encode())
+    with shard_lease(store, SHARD, FILES, ttl_s=30.0, skew_s=0.0):
+        assert other not in {rel for rel, _ in store.modified(LEASES_DIR)}
