@@ -345,13 +345,16 @@ def _fsync_tree(root: Path) -> None:
     for folder, _dirs, files in os.walk(root):
         for path in [Path(folder), *(Path(folder) / name for name in files)]:
             try:
-                fd = os.open(path, os.O_RDONLY)
+                # Non-blocking and never through a link: a FIFO or socket must not hang the stop.
+                fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
             except FileNotFoundError:
                 continue  # removed meanwhile
             except OSError as exc:
                 log.warning("cannot open %s to flush it: %s", path, exc)
                 continue
             try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode) and not stat.S_ISDIR(os.fstat(fd).st_mode):
+                    continue  # only files and folders hold data
                 os.fsync(fd)
             except OSError as exc:
                 log.warning("cannot flush %s: %s", path, exc)

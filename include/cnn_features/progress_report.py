@@ -247,7 +247,7 @@ def attempts_of(records: list[dict[str, Any]]) -> list[Attempt]:
     return tries
 
 
-def shard_progress(entry: dict[str, Any], records: list[dict[str, Any]], *, now: float | None = None) -> ShardProgress:
+def shard_progress(entry: dict[str, Any], records: list[dict[str, Any]]) -> ShardProgress:
     """Return one shard's standing from its plan entry and its records (oldest first).
 
     The last record gives the state. Each attempt (a task try, or a cleared
