@@ -771,7 +771,7 @@ def load_results(
     Raises:
         PlanMismatch: a finished shard's result file is missing or unreadable.
     """
-    from cnn_features.runner import SHARD_RESULTS_DIR
+    from cnn_features.names import SHARDS_DIR as SHARD_RESULTS_DIR
 
     wanted = set(done)
     results: list[dict[str, Any]] = []
